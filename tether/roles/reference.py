@@ -1,0 +1,42 @@
+"""The reference: the frozen starting policy that the KL penalty tethers the policy to.
+
+Either its own frozen model (full fine-tuning), or, for a LoRA policy, the policy itself with the
+adapter disabled: the same base weights, no second copy (RLHF-DETAILS 17).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.roles.policy import response_logprobs
+
+
+class Reference:
+    def __init__(self, model: Any | None = None, lora_policy: Any | None = None) -> None:
+        if (model is None) == (lora_policy is None):
+            raise ValueError("a Reference is either its own model or a LoRA policy's base, not both")
+        self._model = model
+        self._lora_policy = lora_policy
+        if model is not None:
+            model.eval()
+            model.requires_grad_(False)
+
+    @contextmanager
+    def as_model(self) -> Iterator[Any]:
+        """The reference as a callable model for the duration of the block (adapter disabled)."""
+        if self._lora_policy is not None:
+            with self._lora_policy.disable_adapter():
+                yield self._lora_policy
+        else:
+            yield self._model
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, response_start: int, temperature: float) -> Tensor:
+        """(B, P + R) -> (B, R) reference log-probs of the response under the rollout temperature."""
+        with self.as_model() as model:
+            return response_logprobs(model, input_ids, attention_mask, response_start, temperature)[0]

@@ -1,0 +1,174 @@
+"""The reward: a frozen reward model, a Python reward function, or a weighted mix of both.
+
+A reward function is `name(prompts: list[str], responses: list[str], **kw) -> list[float]`, loaded
+from "path/to/file.py:name" or "package.module:name". It receives keyword arguments `finished`
+(list[bool]: the response ended with EOS) plus everything in `reward.function_kwargs`. Whatever it
+returns is checked: one finite number per response, or a RewardError naming the sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from tether.config import RewardConfig
+from tether.core.advantages import last_true_index
+from tether.models import load_scalar_model, load_tokenizer, scalar_head
+from tether.roles.batching import in_chunks
+from tether.roles.value import backbone_hidden
+
+RewardFunction = Callable[..., Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """A reward source that cannot be loaded or returned something unusable."""
+
+
+def load_function(spec: str) -> RewardFunction:
+    """'path/to/file.py:name' or 'package.module:name' -> the callable."""
+    if ":" not in spec:
+        raise RewardError(f"reward function {spec!r} must be 'path/to/file.py:name' or 'package.module:name'")
+    source, name = spec.rsplit(":", 1)
+    if source.endswith(".py"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RewardError(f"reward function file {source!r} does not exist")
+        module_name = f"tether_reward_{abs(hash(str(path.resolve())))}"
+        spec_obj = importlib.util.spec_from_file_location(module_name, path)
+        assert spec_obj is not None and spec_obj.loader is not None
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[module_name] = module
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as err:
+            raise RewardError(f"importing reward function file {source!r} failed: {err!r}") from err
+    else:
+        try:
+            module = importlib.import_module(source)
+        except Exception as err:
+            raise RewardError(f"cannot import module {source!r} for reward function {spec!r}: {err!r}") from err
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise RewardError(f"{source!r} has no callable named {name!r} (from reward function {spec!r})")
+    return function
+
+
+def call_function(
+    function: RewardFunction, spec: str, prompts: list[str], responses: list[str], **kwargs: Any
+) -> Tensor:
+    """Call a reward function and check what it returns: (B,) float32."""
+    accepted = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in kwargs.items() if takes_any or k in accepted}
+    try:
+        values = list(function(prompts, responses, **kwargs))
+    except Exception as err:
+        raise RewardError(f"reward function {spec!r} raised {err!r}") from err
+    if len(values) != len(responses):
+        raise RewardError(f"reward function {spec!r} returned {len(values)} values for {len(responses)} responses")
+    checked = []
+    for i, value in enumerate(values):
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy scalars too
+        if not is_number and not (isinstance(value, Tensor) and value.numel() == 1):
+            raise RewardError(f"reward function {spec!r} returned {value!r} for sample {i}; expected a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise RewardError(
+                f"reward function {spec!r} returned {number} for sample {i} "
+                f"(prompt {prompts[i][:60]!r}, response {responses[i][:60]!r}); rewards must be finite"
+            )
+        checked.append(number)
+    return torch.tensor(checked, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sequence_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A reward model's score read at the last real token of each sequence (RLHF-DETAILS 5, 6).
+
+    The last real token is found from the attention mask, never from the pad id, so it is right
+    for left, right or both-sided padding. (B, L) -> (B,) float32.
+    """
+    last = last_true_index(attention_mask)  # (B,)
+    end = int(last.max()) + 1
+    hidden = backbone_hidden(model, input_ids[:, :end], attention_mask[:, :end])  # (B, end, H)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return scalar_head(model)(picked).squeeze(-1).float()
+
+
+class RewardSources:
+    """Every configured reward source, scored together: a weighted sum, plus each one's raw mean."""
+
+    def __init__(
+        self,
+        config: RewardConfig,
+        policy_tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        trust_remote_code: bool = False,
+        micro_batch_size: int | None = None,
+    ) -> None:
+        self.config = config
+        self.micro_batch_size = micro_batch_size
+        self.policy_tokenizer = policy_tokenizer
+        self.model: Any = None
+        self.model_tokenizer: PreTrainedTokenizerBase | None = None
+        if config.model is not None:
+            tokenizer = load_tokenizer(config.model, trust_remote_code)
+            self.model = load_scalar_model(config.model, tokenizer, trust_remote_code)
+            self.model.to(device).requires_grad_(False)
+            # Same vocabulary: score the policy's token ids directly. Otherwise re-tokenize text.
+            if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+                self.model_tokenizer = tokenizer
+        self.function = load_function(config.function) if config.function else None
+        self.gold = load_function(config.gold) if config.gold else None
+
+    def score(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompts: list[str],
+        responses: list[str],
+        finished: list[bool],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total score (B,) and the raw per-source scores keyed 'model', 'function', 'gold'."""
+        parts: dict[str, Tensor] = {}
+        total = torch.zeros(len(responses))
+        if self.model is not None:
+            ids, mask = self._reward_model_inputs(input_ids, attention_mask)
+            parts["model"] = in_chunks(
+                lambda i, m: (sequence_scores(self.model, i, m),), ids, mask, self.micro_batch_size
+            )[0].cpu()
+            total += self.config.model_weight * parts["model"]
+        kwargs = {"finished": finished, **self.config.function_kwargs}
+        if self.function is not None:
+            assert self.config.function is not None
+            parts["function"] = call_function(self.function, self.config.function, prompts, responses, **kwargs)
+            total += self.config.function_weight * parts["function"]
+        if self.gold is not None:
+            assert self.config.gold is not None
+            parts["gold"] = call_function(self.gold, self.config.gold, prompts, responses, **kwargs)
+        return total, parts
+
+    def _reward_model_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self.model_tokenizer is None:
+            return input_ids, attention_mask
+        # A reward model with another vocabulary reads the same text in its own tokens.
+        texts = [
+            self.policy_tokenizer.decode(ids[mask.bool()], skip_special_tokens=False)
+            for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
+        tokenizer = self.model_tokenizer
+        tokenizer.padding_side = "right"
+        encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        device = input_ids.device
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)

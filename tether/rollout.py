@@ -1,0 +1,132 @@
+"""Sampling responses: batched generation with the KV cache, then the frozen Rollout record.
+
+Prompts are left-padded so that every response starts in the same column; `generate` derives
+position ids from the attention mask, and every later forward pass does the same
+(roles/batching.py). Each response is truncated after its first EOS (RLHF-DETAILS 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """B sampled sequences, laid out as [left-padded prompt | right-padded response]."""
+
+    prompt_ids: Tensor  # (B, P) long, left-padded with the pad id
+    prompt_mask: Tensor  # (B, P) bool, True on real prompt tokens
+    response_ids: Tensor  # (B, R) long, pad id after the first EOS
+    response_mask: Tensor  # (B, R) bool, True on response tokens up to and including the first EOS
+    finished: Tensor  # (B,) bool, the response ended with EOS (not cut by max_new_tokens)
+    prompt_index: Tensor  # (B,) long, which prompt of the batch each sequence answers
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, P + R)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # (B, P + R)
+
+    @property
+    def response_start(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(dim=1)  # (B,)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> (ids (B, P), mask (B, P) bool), padded on the left to the longest."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = True
+    return ids, mask
+
+
+def truncate_after_eos(response_ids: Tensor, eos_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut each response after its first EOS.
+
+    returns (ids with pad after the first EOS, mask True through the first EOS, finished (B,)).
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    finished = is_eos.any(dim=1)
+    # Positions strictly after the first EOS: the running count of EOS seen before this position.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = eos_before == 0
+    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_id))
+    return ids, mask, finished
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: list[list[int]],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    pad_id: int,
+    eos_ids: list[int],
+    return_logprobs: bool = False,
+) -> tuple[Rollout, Tensor | None]:
+    """Sample `samples_per_prompt` responses for each prompt in one batched `generate` call.
+
+    temperature > 0 samples from the full tempered distribution (no top-k / top-p: RLHF-DETAILS 1);
+    temperature 0 is greedy. With return_logprobs, also the (B, R) log-probs of the sampled tokens
+    under the distribution generate sampled from (for checks; training recomputes them).
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    # A fresh config, so nothing from the model's own generation_config (top_k=50, repetition
+    # penalties, ...) silently changes the distribution the log-probs assume.
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else 1.0,
+        top_k=0 if sampling else None,
+        top_p=1.0,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_scores=return_logprobs,
+    )
+    out = model.generate(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.long().to(device),
+        generation_config=generation_config,
+    )
+    response_ids = out.sequences[:, prompt_ids.shape[1] :].cpu()
+    response_ids, response_mask, finished = truncate_after_eos(response_ids, eos_ids, pad_id)
+    logprobs = None
+    if return_logprobs:
+        # `scores` are the processed logits generate sampled from (already divided by temperature).
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # (B, R, V)
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    rollout = Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        finished=finished,
+        prompt_index=prompt_index,
+    )
+    return rollout, logprobs

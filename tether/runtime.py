@@ -1,0 +1,62 @@
+"""Devices, threads, seeds and RNG state: the only module that knows where tensors live.
+
+Every random draw in tether (prompt order, sampling, minibatch shuffles) comes from the global
+torch / Python / NumPy generators seeded here, so one snapshot of their states (saved in each
+checkpoint) is everything a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+RANK_SEED_STRIDE = 100003  # seed + rank * stride: a different stream per process (RLHF-DETAILS 14)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={spec!r} but CUDA is not available on this machine")
+    return device
+
+
+def set_threads(num_threads: int | None) -> None:
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    process_seed = seed + rank * RANK_SEED_STRIDE
+    random.seed(process_seed)
+    np.random.seed(process_seed % 2**32)
+    torch.manual_seed(process_seed)
+    return process_seed
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device: torch.device, dtype: str) -> Any:
+    """bfloat16 compute for forward passes when asked; weights stay float32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -1,0 +1,1 @@
+"""Training stages: each one explicit loop, read top to bottom."""
