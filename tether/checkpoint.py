@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from tether.errors import TetherError
 
-class RunDirError(RuntimeError):
+
+class RunDirError(TetherError, RuntimeError):
     """The output folder holds another run; the message says how to proceed."""
 
 
@@ -81,6 +83,14 @@ def prune_step_checkpoints(checkpoints: Path, keep_last: int) -> None:
     existing = step_checkpoints(checkpoints)
     for _, path in existing[: max(len(existing) - max(keep_last, 1), 0)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_checkpoints(checkpoints: Path) -> None:
+    """Delete hidden temporary folders of checkpoints whose writing never finished."""
+    if checkpoints.is_dir():
+        for child in checkpoints.iterdir():
+            if child.name.startswith(".") and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:

@@ -4,7 +4,9 @@
     tether ppo --print-config [--config FILE.yaml] [key.sub=value ...]
 
 A mistake in the input (config, data, model path, reward function, run directory) ends with a
-one-paragraph message and exit code 2; `--debug` shows the traceback as well.
+one-paragraph message and exit code 2; a run stopped by non-finite numbers with exit code 1; a run
+stopped by Ctrl-C or SIGTERM (after writing a checkpoint) with 130 or 143. `--debug` shows the
+traceback as well.
 """
 
 from __future__ import annotations
@@ -17,14 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from tether.checkpoint import RunDirError
 from tether.config import ConfigError, PPOConfig, config_to_dict, load_config
-from tether.data import DataError
-from tether.models import ModelNotFoundError
-from tether.roles.reward import RewardError
+from tether.errors import TetherError, TrainingInterrupted
 
 STAGES = {"ppo": PPOConfig}
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, RewardError, RunDirError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,11 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except USER_ERRORS as err:
+    except TetherError as err:
         if args.debug:
             raise
-        print(f"tether {args.stage}: error: {err}", file=sys.stderr)
-        return 2
+        kind = "" if isinstance(err, TrainingInterrupted) else "error: "
+        print(f"tether {args.stage}: {kind}{err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # before the training loop's own handler is installed, or a second Ctrl-C
+        if args.debug:
+            raise
+        print(f"tether {args.stage}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
+from tether.errors import TetherError
 
-class ConfigError(ValueError):
+
+class ConfigError(TetherError, ValueError):
     """A config file, override or value that cannot be used; the message says which and why."""
 
 
@@ -136,6 +138,11 @@ class TrainConfig:
     micro_batch_size: int | None = _doc(
         None, "Sequences per forward/backward pass (gradient accumulation). null: a whole minibatch at once."
     )
+    max_nonfinite_in_a_row: int = _doc(
+        3,
+        "Optimizer steps in a row with a non-finite gradient (each one skipped) after which the run stops "
+        "with a checkpoint and a diagnosis.",
+    )
     seed: int = _doc(0, "Seed of every random generator (process k uses seed + k * 100003).")
     save_every: int = _doc(50, "Write a checkpoint every this many iterations (0: only the final model).")
     keep_last: int = _doc(3, "Step checkpoints to keep; older ones are deleted after a newer one is complete.")
@@ -198,6 +205,7 @@ class PPOConfig:
             "ppo.kl_horizon",
             "data.max_prompt_length",
             "train.adam_eps",
+            "train.max_nonfinite_in_a_row",
         )
         _non_negative(
             self,

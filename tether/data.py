@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tether.errors import TetherError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(TetherError, ValueError):
     """A data file or record that cannot be used; the message names the file and line."""
 
 

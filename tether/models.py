@@ -36,6 +36,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from tether.errors import TetherError
+
 BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion below changes, so stale caches are rebuilt rather than trusted.
@@ -45,7 +47,7 @@ _ADDED_PAD_TOKEN = "<|tether_pad|>"
 log = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(TetherError, FileNotFoundError):
     """A model name that resolves to nothing loadable; the message says what was tried."""
 
 
@@ -130,6 +132,20 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+def _loaded(name: str, loader: Any, path: str, **kwargs: Any) -> Any:
+    """loader(path, **kwargs), with a failure turned into a ModelNotFoundError that says what was tried."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:  # transformers' errors for a missing repo or a broken folder
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if Path(path).is_dir():
+            raise ModelNotFoundError(f"cannot load model folder {path!r}: {first_line}") from err
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder, a .gguf file or {BUILTIN_MODEL!r}, and loading it as a "
+            f"hub id failed (no network here, or no such repository): {first_line}"
+        ) from err
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' info/warning chatter (progress bars, expected 'newly initialised'
@@ -204,7 +220,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
         return load_tokenizer(base, trust_remote_code)  # an adapter saved without its tokenizer
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = _loaded(name, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     return tokenizer
@@ -223,7 +239,13 @@ def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_c
         model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
     else:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            model = _loaded(
+                name,
+                AutoModelForCausalLM.from_pretrained,
+                path,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+            )
     resize_for_tokenizer(model, tokenizer)
     return model.eval()
 
@@ -249,7 +271,7 @@ def load_scalar_model(
         base_model = load_scalar_model(base, tokenizer, trust_remote_code, zero_new_head)
         model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = _loaded(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
         has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         config.num_labels = 1
         with quiet_transformers():

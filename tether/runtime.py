@@ -8,6 +8,9 @@ checkpoint) is everything a resumed run needs to continue exactly.
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -60,3 +63,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def autocast(device: torch.device, dtype: str) -> Any:
     """bfloat16 compute for forward passes when asked; weights stay float32."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+class StopRequest:
+    """Turn the first SIGINT (Ctrl-C) or SIGTERM into a request to stop at the next safe point.
+
+    The loop checks `signal_number` between iterations, writes a checkpoint and stops. The handlers
+    are restored as soon as the first signal arrives, so a second one acts as usual (Ctrl-C twice
+    aborts at once). Outside the main thread signals cannot be caught, and nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_number = signum
+        self._restore()
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
+            "(send it again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.config import RewardConfig
 from tether.core.advantages import last_true_index
+from tether.errors import TetherError
 from tether.models import load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.batching import in_chunks
 from tether.roles.value import backbone_hidden
@@ -31,7 +32,7 @@ from tether.roles.value import backbone_hidden
 RewardFunction = Callable[..., Sequence[float]]
 
 
-class RewardError(RuntimeError):
+class RewardError(TetherError, RuntimeError):
     """A reward source that cannot be loaded or returned something unusable."""
 
 
@@ -148,6 +149,12 @@ class RewardSources:
             parts["model"] = in_chunks(
                 lambda i, m: (sequence_scores(self.model, i, m),), ids, mask, self.micro_batch_size
             )[0].cpu()
+            bad = (~torch.isfinite(parts["model"])).nonzero().flatten().tolist()
+            if bad:
+                raise RewardError(
+                    f"reward model {self.config.model!r} gave {parts['model'][bad[0]].item()} for sample {bad[0]} "
+                    f"(response {responses[bad[0]][:60]!r}); rewards must be finite"
+                )
             total += self.config.model_weight * parts["model"]
         kwargs = {"finished": finished, **self.config.function_kwargs}
         if self.function is not None:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from tether.checkpoint import (
     clear_run_dir,
     load_trainer_state,
     prune_step_checkpoints,
+    remove_partial_checkpoints,
     save_trainer_state,
     step_dir_name,
 )
@@ -56,6 +58,7 @@ from tether.core import (
 )
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler, encode_prompt, load_prompts, shipped_data, uses_chat_template
+from tether.errors import NumericalError, TrainingInterrupted
 from tether.models import (
     eos_token_ids,
     load_causal_lm,
@@ -71,7 +74,15 @@ from tether.roles.reward import RewardSources
 from tether.roles.value import response_values
 from tether.rollout import Rollout, generate
 from tether.runlog import RunLog
-from tether.runtime import autocast, pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from tether.runtime import (
+    StopRequest,
+    autocast,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +167,15 @@ class PPOTrainer:
         )
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.step = 0
-        self.skipped_updates = 0
+        self.skipped_updates = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self.nonfinite_streak = 0  # ... and in a row, up to now
+        self.last_nonfinite: dict[str, float] = {}
 
         if resume_from is not None:
             self._load_trainer_state(resume_from)
         else:
             clear_run_dir(self.run_dir)  # --overwrite, or --resume of a run with no checkpoint yet
+        remove_partial_checkpoints(self.checkpoints)  # left by a process killed while saving
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.runlog = RunLog(self.run_dir, resume_step=self.step if resume_from is not None else None)
@@ -174,7 +188,7 @@ class PPOTrainer:
         """Run the remaining iterations; returns the final checkpoint folder."""
         cfg = self.config.train
         try:
-            with term.progress_bar() as progress:
+            with StopRequest() as stop, term.progress_bar() as progress:
                 task = progress.add_task("ppo", total=cfg.steps, completed=self.step, status="")
                 while self.step < cfg.steps:
                     self.step += 1
@@ -184,8 +198,19 @@ class PPOTrainer:
                     if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == 1):
                         self.runlog.samples(self.step, samples)
                         progress.console.print(term.sample_table(self.step, samples))
+                    saved = None
                     if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
-                        self.save_checkpoint()  # the last step too, so a finished run can be extended
+                        saved = self.save_checkpoint()  # the last step too, so a finished run can be extended
+                    if self.nonfinite_streak >= cfg.max_nonfinite_in_a_row:
+                        raise NumericalError(self._nonfinite_diagnosis(saved or self.save_checkpoint()))
+                    if stop.signal_number is not None:
+                        saved = saved or self.save_checkpoint()
+                        name = signal.Signals(stop.signal_number).name
+                        raise TrainingInterrupted(
+                            f"stopped by {name} after step {self.step}; checkpoint written to {saved}. "
+                            f"Continue with: tether ppo --resume --output {self.run_dir}",
+                            stop.signal_number,
+                        )
             final = self.save_checkpoint(final=True)
             self.write_report()
         finally:
@@ -357,10 +382,13 @@ class PPOTrainer:
                 stats["val/grad_norm"] = self._clip(self.value_params)
                 if math.isfinite(stats["policy/grad_norm"]) and math.isfinite(stats["val/grad_norm"]):
                     self.optimizer.step()
+                    self.nonfinite_streak = 0
                 else:  # a non-finite gradient never reaches the weights
                     self.skipped_updates += 1
-                    log.warning("step %d: non-finite gradient, update skipped", self.step)
-                self.scheduler.step()
+                    self.nonfinite_streak += 1
+                    self.last_nonfinite = dict(stats)
+                    log.warning("step %d: non-finite gradient, update skipped (%s)", self.step, _describe(stats))
+                self.scheduler.step()  # the schedule counts step slots, skipped ones included
                 for key, number in stats.items():
                     totals[key] += number
                 num_minibatches += 1
@@ -369,6 +397,19 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------------
     # Helpers
     # ----------------------------------------------------------------------------------------
+
+    def _nonfinite_diagnosis(self, checkpoint: Path) -> str:
+        cfg = self.config.train
+        bad = [name for name in ("policy", "val") if not math.isfinite(self.last_nonfinite.get(f"{name}/grad_norm", 0))]
+        which = " and ".join({"policy": "the policy", "val": "the value model"}[n] for n in bad) or "a model"
+        return (
+            f"stopped at step {self.step}: the last {self.nonfinite_streak} optimizer steps had a non-finite "
+            f"gradient in {which} ({_describe(self.last_nonfinite)}), so none was applied and the weights are "
+            f"the last finite ones, saved to {checkpoint}. This usually means a learning rate that is too high "
+            f"(train.lr={cfg.lr}, train.value_lr={cfg.value_lr}), a reward on a much larger scale than the "
+            "value model can follow (try ppo.whiten_rewards=true), or train.max_grad_norm=null. Fix the "
+            f"cause and continue with: tether ppo --resume --output {self.run_dir}"
+        )
 
     def _chunked(self, fn: Any, ids: Tensor, attn: Tensor) -> tuple[Tensor, ...]:
         return in_chunks(fn, ids, attn, self.config.train.micro_batch_size)
@@ -438,6 +479,7 @@ class PPOTrainer:
                         "kl_controller": self.kl_ctl.state_dict(),
                         "sampler": self.sampler.state_dict(),
                         "skipped_updates": self.skipped_updates,
+                        "nonfinite_streak": self.nonfinite_streak,
                         "rng": rng_state(),
                     },
                 )
@@ -462,6 +504,7 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_updates = int(state["skipped_updates"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
         set_rng_state(state["rng"])  # last: loading models above may draw random numbers
         term.console.print(f"resuming from {folder} (step {self.step})")
 
@@ -570,6 +613,11 @@ class _Timer:
 
     def total(self) -> float:
         return time.perf_counter() - self._start
+
+
+def _describe(stats: dict[str, float]) -> str:
+    keys = ("loss/policy", "loss/value", "policy/grad_norm", "val/grad_norm")
+    return ", ".join(f"{k} {stats[k]:.4g}" for k in keys if k in stats)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
