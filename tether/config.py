@@ -172,9 +172,35 @@ class PPOParams:
 
 @dataclass
 class EvalConfig:
-    num_prompts: int = _doc(4, "Eval prompts shown before/after side by side at the end of a run (0: none).")
-    temperature: float = _doc(0.0, "Sampling temperature for those outputs; 0 is greedy (deterministic).")
-    max_new_tokens: int | None = _doc(None, "Response length for those outputs. null: rollout.max_new_tokens.")
+    num_prompts: int = _doc(32, "Prompts of the fixed eval set (data.eval) used; 0 turns evaluation off.")
+    temperature: float = _doc(
+        0.7, "Sampling temperature of eval responses (0: greedy, and no KL estimate); every model gets the same."
+    )
+    max_new_tokens: int | None = _doc(None, "Eval response length. null: rollout.max_new_tokens.")
+    seed: int = _doc(1234, "Seed of eval sampling: every model and every evaluation draws the same random numbers.")
+    every: int = _doc(0, "Evaluate the policy every this many PPO iterations (logged as eval/*); 0: only at the end.")
+    judge: str = _doc(
+        "auto",
+        "What decides a win against the baseline: 'reward' (the training score), 'gold' (reward.gold), a "
+        "function 'file.py:name' scoring responses, or 'auto' (gold when set, else reward).",
+    )
+    tie_margin: float = _doc(0.0, "Judge scores closer than this count as a tie.")
+
+
+@dataclass
+class AlarmsConfig:
+    enabled: bool = _doc(
+        True, "Watch the metrics for reward hacking and collapse; alarms go to the console and metrics."
+    )
+    window: int = _doc(5, "Iterations a trend is measured over.")
+    kl_factor: float = _doc(3.0, "With ppo.kl_target: alarm when the recent KL exceeds kl_factor x target.")
+    kl_max: float = _doc(30.0, "Without ppo.kl_target: alarm when the recent KL (nats per response) exceeds this.")
+    entropy_drop: float = _doc(0.5, "Alarm when the recent entropy falls below this fraction of the starting entropy.")
+    length_rise: float = _doc(
+        0.2, "Length-hacking alarm: length up by this fraction over the window, while the score rises and ..."
+    )
+    diversity_drop: float = _doc(0.1, "... distinct-2 of the responses falls by this fraction.")
+    opening_share: float = _doc(0.5, "Alarm when more than this share of a batch's responses share one opening.")
 
 
 @dataclass
@@ -188,6 +214,7 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOParams = field(default_factory=PPOParams)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
 
     def validate(self) -> None:
         """Range and cross-field checks; raises ConfigError naming the field."""
@@ -206,6 +233,10 @@ class PPOConfig:
             "data.max_prompt_length",
             "train.adam_eps",
             "train.max_nonfinite_in_a_row",
+            "alarms.window",
+            "alarms.kl_factor",
+            "alarms.kl_max",
+            "alarms.entropy_drop",
         )
         _non_negative(
             self,
@@ -217,6 +248,8 @@ class PPOConfig:
             "train.weight_decay",
             "eval.num_prompts",
             "eval.temperature",
+            "eval.every",
+            "eval.tie_margin",
         )
         for key in (
             "train.value_lr",
@@ -232,6 +265,8 @@ class PPOConfig:
         for key in ("ppo.gamma", "ppo.lam"):
             if not 0.0 <= get_path(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {get_path(self, key)}")
+        if self.alarms.window < 2:
+            raise ConfigError(f"alarms.window must be at least 2 (a trend needs two halves), got {self.alarms.window}")
         if self.train.keep_last < 1 and self.train.save_every > 0:
             raise ConfigError("train.keep_last must be at least 1 when train.save_every > 0")
         rollout_size = self.train.batch_size * self.rollout.samples_per_prompt

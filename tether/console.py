@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -44,25 +45,96 @@ def sample_table(step: int, rows: list[dict[str, Any]], limit: int = 4) -> Table
     return table
 
 
-def before_after_table(rows: list[dict[str, Any]]) -> Table:
+def _sample_cell(sample: dict[str, Any], width: int = 500) -> str:
+    note = "" if sample["finished"] else ", cut off: no EOS"
+    return f"{_clip(sample['response'], width)}\n[dim]score {sample['score']:+.3f}{note}[/dim]"
+
+
+def before_after_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> Table:
+    """The starting model's and the trained policy's eval responses to the same prompts."""
     table = Table(
-        title="the starting model (before) and the trained policy (after), same prompts, greedy",
+        title="the starting model (before) and the trained policy (after): same prompts, same seed",
         show_lines=True,
         expand=True,
     )
     table.add_column("prompt", ratio=2)
     table.add_column("before", ratio=4)
     table.add_column("after", ratio=4)
-    for row in rows:
-        table.add_row(
-            _clip(row["prompt"], 200),
-            f"{_clip(row['before'], 500)}\n[dim]{score_note(row, 'before')}[/dim]",
-            f"{_clip(row['after'], 500)}\n[dim]{score_note(row, 'after')}[/dim]",
-        )
+    for start, final in zip(before, after, strict=True):
+        table.add_row(_clip(start["prompt"], 200), _sample_cell(start), _sample_cell(final))
     return table
 
 
-def score_note(row: dict[str, Any], which: str) -> str:
-    """'score +0.500' plus a note when the response was cut off before EOS."""
-    note = "" if row[f"{which}_finished"] else ", cut off: no EOS"
-    return f"score {row[f'{which}_score']:+.3f}{note}"
+EVAL_COLUMNS = [  # (heading, how to read it from an eval result)
+    ("reward", lambda r: f"{r['scores']['reward']['mean']:+.3f}"),
+    ("gold", lambda r: f"{r['scores']['gold']['mean']:+.3f}" if "gold" in r["scores"] else "-"),
+    (
+        "win rate",
+        lambda r: (
+            f"{r['win_rate']['rate']:.2f} ({r['win_rate']['wins']}/{r['win_rate']['ties']}/{r['win_rate']['losses']})"
+        ),
+    ),
+    ("KL", lambda r: f"{r['kl']['mean']:.2f}" if r["kl"] is not None else "-"),
+    ("length", lambda r: f"{r['length']['mean']:.1f}"),
+    ("EOS", lambda r: f"{r['eos_rate']:.2f}"),
+    ("distinct-2", lambda r: f"{r['distinct_2']:.3f}"),
+    ("self-sim", lambda r: f"{r['self_similarity']:.3f}"),
+    ("top opening", lambda r: f"{r['top_openings'][0][0]!r} x{r['top_openings'][0][1]}" if r["top_openings"] else "-"),
+]
+
+
+def eval_table(results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="fixed eval set (win rate: wins/ties/losses against the starting model)")
+    table.add_column("model")
+    for heading, _ in EVAL_COLUMNS:
+        table.add_column(heading, justify="right")
+    for name, result in results.items():
+        table.add_row(name, *[read(result) for _, read in EVAL_COLUMNS])
+    return table
+
+
+def alarm_panel(step: int, alarm: Any) -> Panel:
+    return Panel(
+        f"{alarm.saw}\n[bold]What to do:[/bold] {alarm.advice}",
+        title=f"alarm at step {step}: {alarm.key}",
+        border_style="yellow",
+    )
+
+
+def report_markdown(run_dir: Any, summary: dict[str, dict[str, float]], results: dict[str, dict[str, Any]]) -> str:
+    """report.md: first-vs-last training metrics, the eval table, and every eval prompt before/after."""
+    lines = [
+        f"# tether ppo report: {run_dir}",
+        "",
+        "## Training (mean of the first and last fifth of the steps)",
+        "",
+        "| metric | first steps | last steps |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {k} | {v['first']:+.4f} | {v['last']:+.4f} |" for k, v in summary.items()]
+    if results:
+        lines += [
+            "",
+            "## Fixed eval set",
+            "",
+            "| model | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |",
+            "|" + " --- |" * (len(EVAL_COLUMNS) + 1),
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(read(r) for _, read in EVAL_COLUMNS) + " |" for name, r in results.items()
+        ]
+        lines += ["", "## Before and after (same prompts, same seed)", ""]
+        for start, final in zip(results["start"]["samples"], results["final"]["samples"], strict=True):
+            lines += [
+                f"### {start['prompt']}",
+                "",
+                f"**before** ({_note(start)}): {start['response']}",
+                "",
+                f"**after** ({_note(final)}): {final['response']}",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def _note(sample: dict[str, Any]) -> str:
+    return f"score {sample['score']:+.3f}" + ("" if sample["finished"] else ", cut off: no EOS")

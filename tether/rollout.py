@@ -130,3 +130,12 @@ def generate(
         prompt_index=prompt_index,
     )
     return rollout, logprobs
+
+
+def decode_responses(tokenizer: Any, rollout: Rollout, eos_ids: list[int]) -> list[str]:
+    """Response texts without EOS and special tokens: what reward functions and people read."""
+    texts = []
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
+        kept = [int(t) for t in ids[mask] if int(t) not in eos_ids]
+        texts.append(str(tokenizer.decode(kept, skip_special_tokens=True)))
+    return texts

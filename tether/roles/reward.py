@@ -28,6 +28,8 @@ from tether.errors import TetherError
 from tether.models import load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.batching import in_chunks
 from tether.roles.value import backbone_hidden
+from tether.rollout import Rollout
+from tether.runtime import autocast
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -117,9 +119,14 @@ class RewardSources:
         device: torch.device,
         trust_remote_code: bool = False,
         micro_batch_size: int | None = None,
+        missing_eos_penalty: float | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.config = config
+        self.device = device
+        self.dtype = dtype
         self.micro_batch_size = micro_batch_size
+        self.missing_eos_penalty = missing_eos_penalty
         self.policy_tokenizer = policy_tokenizer
         self.model: Any = None
         self.model_tokenizer: PreTrainedTokenizerBase | None = None
@@ -132,6 +139,24 @@ class RewardSources:
                 self.model_tokenizer = tokenizer
         self.function = load_function(config.function) if config.function else None
         self.gold = load_function(config.gold) if config.gold else None
+
+    @torch.no_grad()
+    def score_rollout(
+        self, rollout: Rollout, prompts: list[str], responses: list[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The score PPO trains on: the reward sources, plus the missing-EOS penalty for responses
+        that did not end (RLHF-DETAILS 5). returns (scores (B,) on the device, raw per-source scores)."""
+        with autocast(self.device, self.dtype):
+            scores, parts = self.score(
+                rollout.input_ids.to(self.device),
+                rollout.attention_mask.to(self.device),
+                prompts,
+                responses,
+                rollout.finished.tolist(),
+            )
+        if self.missing_eos_penalty is not None:
+            scores = torch.where(rollout.finished, scores, scores + self.missing_eos_penalty)
+        return scores.to(self.device), parts
 
     def score(
         self,

@@ -16,6 +16,7 @@ One iteration (`PPOTrainer.iteration`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from torch import Tensor
 from transformers import get_scheduler
 
 from tether import console as term
+from tether.alarms import AlarmSettings, check_alarms
 from tether.checkpoint import (
     atomic_dir,
     atomic_write_text,
@@ -59,6 +61,8 @@ from tether.core import (
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler, encode_prompt, load_prompts, shipped_data, uses_chat_template
 from tether.errors import NumericalError, TrainingInterrupted
+from tether.evaluation.metrics import distinct_n, top_opening_share
+from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, eval_prompts
 from tether.models import (
     eos_token_ids,
     load_causal_lm,
@@ -72,8 +76,8 @@ from tether.roles.policy import add_lora, response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import RewardSources
 from tether.roles.value import response_values
-from tether.rollout import Rollout, generate
-from tether.runlog import RunLog
+from tether.rollout import Rollout, decode_responses, generate
+from tether.runlog import RunLog, read_jsonl
 from tether.runtime import (
     StopRequest,
     autocast,
@@ -87,7 +91,6 @@ from tether.runtime import (
 log = logging.getLogger(__name__)
 
 SHIPPED_PROMPTS = "prompts.jsonl"
-SHIPPED_EVAL_PROMPTS = "eval_prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,13 @@ class PPOTrainer:
             self.reference = Reference(model=ref_model.to(self.device))
         self.value_model = self._load_value_model(resume_from)
         self.rewards = RewardSources(
-            cfg.reward, self.tokenizer, self.device, cfg.model.trust_remote_code, cfg.train.micro_batch_size
+            cfg.reward,
+            self.tokenizer,
+            self.device,
+            cfg.model.trust_remote_code,
+            cfg.train.micro_batch_size,
+            cfg.rollout.missing_eos_penalty,
+            cfg.model.dtype,
         )
 
         # Prompts, tokenized once.
@@ -140,11 +149,22 @@ class PPOTrainer:
             encode_prompt(self.tokenizer, p, chat, cfg.data.max_prompt_length, cfg.data.prompt_overflow)
             for p in self.prompts
         ]
-        self.eval_prompts = load_prompts(cfg.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: cfg.eval.num_prompts]
-        self.eval_prompt_ids = [
-            encode_prompt(self.tokenizer, p, chat, cfg.data.max_prompt_length, cfg.data.prompt_overflow)
-            for p in self.eval_prompts
-        ]
+        self.evaluator: Evaluator | None = None
+        if cfg.eval.num_prompts > 0:
+            eval_set, eval_ids = eval_prompts(cfg, self.tokenizer)
+            self.evaluator = Evaluator(
+                cfg.eval,
+                self.tokenizer,
+                self.reference,
+                self.rewards,
+                eval_set,
+                eval_ids,
+                cfg.rollout.max_new_tokens,
+                self.eos_ids,
+                self.device,
+                cfg.model.dtype,
+            )
+        self._start_eval: dict[str, Any] | None = None  # the starting model's eval result, computed once
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
 
         # Optimisation: one AdamW, a parameter group per trained model (each clipped on its own).
@@ -171,6 +191,7 @@ class PPOTrainer:
         self.nonfinite_streak = 0  # ... and in a row, up to now
         self.last_nonfinite: dict[str, float] = {}
 
+        self.active_alarms: set[str] = set()
         if resume_from is not None:
             self._load_trainer_state(resume_from)
         else:
@@ -179,6 +200,8 @@ class PPOTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.runlog = RunLog(self.run_dir, resume_step=self.step if resume_from is not None else None)
+        # Every metric row so far: the alarms judge trends over it.
+        self.history = read_jsonl(self.runlog.metrics_path) if resume_from is not None else []
 
     # ----------------------------------------------------------------------------------------
     # The loop
@@ -186,13 +209,17 @@ class PPOTrainer:
 
     def train(self) -> Path:
         """Run the remaining iterations; returns the final checkpoint folder."""
-        cfg = self.config.train
+        cfg, cfg_eval = self.config.train, self.config.eval
         try:
             with StopRequest() as stop, term.progress_bar() as progress:
                 task = progress.add_task("ppo", total=cfg.steps, completed=self.step, status="")
                 while self.step < cfg.steps:
                     self.step += 1
                     metrics, samples = self.iteration()
+                    if self.evaluator is not None and cfg_eval.every and self.step % cfg_eval.every == 0:
+                        metrics.update(self.periodic_eval())
+                    metrics.update(self.watch(metrics, progress.console))
+                    self.history.append({"step": self.step, **metrics})
                     self.runlog.metrics(self.step, metrics)
                     progress.update(task, completed=self.step, status=term.status_line(metrics))
                     if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == 1):
@@ -212,7 +239,7 @@ class PPOTrainer:
                             stop.signal_number,
                         )
             final = self.save_checkpoint(final=True)
-            self.write_report()
+            self.write_report(final)
         finally:
             self.runlog.close()
         return final
@@ -261,8 +288,9 @@ class PPOTrainer:
 
         # 4. Scores: the reward sources on the decoded text (or token ids), plus the EOS penalty.
         prompt_texts = [self.prompts[batch[int(i)]].text for i in rollout.prompt_index]
+        responses = decode_responses(self.tokenizer, rollout, self.eos_ids)
         with timer("score"):
-            scores, parts, responses = self._score(rollout, prompt_texts)
+            scores, parts = self.rewards.score_rollout(rollout, prompt_texts, responses)
         finished = rollout.finished.tolist()
 
         # 5. Per-token rewards: the KL penalty on every token, the score on the last real one.
@@ -302,6 +330,8 @@ class PPOTrainer:
             "val/mean": float(masked_mean(values, mask)),
             "response/length_mean": float(lengths.mean()),
             "response/eos_frac": float(rollout.finished.float().mean()),
+            "response/distinct_2": distinct_n(responses, 2),
+            "response/top_opening_share": top_opening_share(responses),
             "lr": lr,
             **{f"time/{name}_s": seconds for name, seconds in timer.seconds.items()},
             "time/step_s": step_seconds,
@@ -419,14 +449,6 @@ class PPOTrainer:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
         return float(norm)
 
-    def _decode_responses(self, rollout: Rollout) -> list[str]:
-        """Response text without EOS and special tokens: what reward functions and people read."""
-        texts = []
-        for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
-            kept = [int(t) for t in ids[mask] if int(t) not in self.eos_ids]
-            texts.append(str(self.tokenizer.decode(kept, skip_special_tokens=True)))
-        return texts
-
     def _load_policy(self, resume_from: Path | None) -> Any:
         cfg = self.config.model
         policy: Any
@@ -508,89 +530,57 @@ class PPOTrainer:
         set_rng_state(state["rng"])  # last: loading models above may draw random numbers
         term.console.print(f"resuming from {folder} (step {self.step})")
 
-    def write_report(self) -> None:
-        """Greedy outputs of the starting model and of the trained policy on the same eval prompts,
-        side by side with their scores, in the terminal and in report.md / report.json."""
-        rows = self.before_after()
-        metrics = [json.loads(line) for line in self.runlog.metrics_path.read_text().splitlines() if line.strip()]
-        summary = _first_last_summary(metrics)
-        atomic_write_text(
-            self.run_dir / "report.json", json.dumps({"summary": summary, "before_after": rows}, indent=2)
-        )
-        lines = [
-            f"# tether ppo report: {self.run_dir}",
-            "",
-            "| metric | first steps | last steps |",
-            "| --- | --- | --- |",
-        ]
-        lines += [f"| {k} | {v['first']:+.4f} | {v['last']:+.4f} |" for k, v in summary.items()]
-        lines += ["", "## Before and after (greedy, same prompts)", ""]
-        for row in rows:
-            lines += [
-                f"### {row['prompt']}",
-                "",
-                f"**before** ({term.score_note(row, 'before')}): {row['before']}",
-                "",
-                f"**after** ({term.score_note(row, 'after')}): {row['after']}",
-                "",
-            ]
-        atomic_write_text(self.run_dir / "report.md", "\n".join(lines))
-        if rows:
-            term.console.print(term.before_after_table(rows))
+    # ----------------------------------------------------------------------------------------
+    # Watching the run: periodic evaluation, alarms, the final report
+    # ----------------------------------------------------------------------------------------
+
+    def start_eval(self) -> dict[str, Any]:
+        """The starting model (the reference) on the eval set; deterministic, so computed once."""
+        assert self.evaluator is not None
+        if self._start_eval is None:
+            with self.reference.as_model() as start:
+                self._start_eval = self.evaluator.evaluate(start, START)
+        return self._start_eval
+
+    def periodic_eval(self) -> dict[str, float]:
+        """The policy on the fixed eval set now: eval/* metrics, and the full result in eval/step-N.json."""
+        assert self.evaluator is not None
+        results = {START: self.start_eval(), "policy": self.evaluator.evaluate(self.policy, f"step-{self.step}")}
+        add_win_rates(results, START, self.config.eval.tie_margin)
+        document = eval_document(self.config.eval, self.evaluator, results, {"policy": f"step {self.step}"})
+        atomic_write_text(self.run_dir / "eval" / f"{step_dir_name(self.step)}.json", json.dumps(document, indent=2))
+        return eval_metrics(results["policy"])
+
+    def watch(self, metrics: dict[str, float], console: Any) -> dict[str, float]:
+        """Alarms active after this step, as alarm/<key> = 1 metrics; new ones are printed once."""
+        cfg = self.config.alarms
+        if not cfg.enabled:
+            return {}
+        settings = AlarmSettings(**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "enabled"})
+        alarms = check_alarms([*self.history, metrics], settings, self.config.ppo.kl_target)
+        for alarm in alarms:
+            if alarm.key not in self.active_alarms:
+                console.print(term.alarm_panel(self.step, alarm))
+        self.active_alarms = {a.key for a in alarms}
+        return {f"alarm/{a.key}": 1.0 for a in alarms}
+
+    def write_report(self, final_dir: Path) -> None:
+        """The starting model and the trained policy on the eval set (eval/eval.json), the run's
+        first-vs-last metrics, and the per-prompt outputs side by side (report.md and the console)."""
+        summary = _first_last_summary(self.history)
+        results: dict[str, dict[str, Any]] = {}
+        if self.evaluator is not None:
+            results = {START: self.start_eval(), "final": self.evaluator.evaluate(self.policy, "final")}
+            add_win_rates(results, START, self.config.eval.tie_margin)
+            document = eval_document(self.config.eval, self.evaluator, results, {"final": str(final_dir)})
+            atomic_write_text(self.run_dir / "eval" / "eval.json", json.dumps(document, indent=2))
+        atomic_write_text(self.run_dir / "report.md", term.report_markdown(self.run_dir, summary, results))
+        if results:
+            term.console.print(term.before_after_table(results[START]["samples"][:4], results["final"]["samples"][:4]))
+            term.console.print(term.eval_table(results))
         for key, value in summary.items():
             term.console.print(f"{key}: {value['first']:+.4f} (first steps) -> {value['last']:+.4f} (last steps)")
         term.console.print(f"report: {self.run_dir / 'report.md'}")
-
-    @torch.no_grad()
-    def before_after(self) -> list[dict[str, Any]]:
-        if not self.eval_prompts:
-            return []
-        cfg = self.config
-        max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-        outputs = {}
-        with autocast(self.device, cfg.model.dtype):
-            with self.reference.as_model() as reference:
-                outputs["before"] = self._generate(reference, max_new)
-            outputs["after"] = self._generate(self.policy, max_new)
-        prompts = [p.text for p in self.eval_prompts]
-        rows: list[dict[str, Any]] = [{"prompt": text} for text in prompts]
-        for name, rollout in outputs.items():
-            scores, _, texts = self._score(rollout, prompts)
-            for row, text, score, finished in zip(rows, texts, scores.tolist(), rollout.finished.tolist(), strict=True):
-                row[name], row[f"{name}_score"], row[f"{name}_finished"] = text, score, finished
-        return rows
-
-    def _generate(self, model: Any, max_new_tokens: int) -> Rollout:
-        rollout, _ = generate(
-            model,
-            self.eval_prompt_ids,
-            1,
-            max_new_tokens,
-            self.config.eval.temperature,
-            self.pad_id,
-            self.eos_ids,
-        )
-        return rollout
-
-    @torch.no_grad()
-    def _score(self, rollout: Rollout, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor], list[str]]:
-        """The score PPO trains on: the reward sources, plus the missing-EOS penalty (RLHF-DETAILS 5).
-
-        returns (scores (B,) on the training device, raw per-source scores, response texts).
-        """
-        responses = self._decode_responses(rollout)
-        with autocast(self.device, self.config.model.dtype):
-            scores, parts = self.rewards.score(
-                rollout.input_ids.to(self.device),
-                rollout.attention_mask.to(self.device),
-                prompts,
-                responses,
-                rollout.finished.tolist(),
-            )
-        penalty = self.config.rollout.missing_eos_penalty
-        if penalty is not None:
-            scores = torch.where(rollout.finished, scores, scores + penalty)
-        return scores.to(self.device), parts, responses
 
 
 # --------------------------------------------------------------------------------------------
