@@ -192,3 +192,12 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(tiny_llama):
         (policy_after,) = response_logprobs(policy, *args)
     assert not torch.allclose(policy_after[mask], policy_before[mask])
     torch.testing.assert_close(reference.logprobs(*args)[mask], expected[mask], atol=1e-6, rtol=0)
+    # Nested use (the reference's own log-probs while the reference is being evaluated) keeps the
+    # adapter off until the outermost block ends.
+    with reference.as_model() as model, torch.no_grad():
+        reference.logprobs(*args)
+        (inside,) = response_logprobs(model, *args)
+    torch.testing.assert_close(inside[mask], expected[mask], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        (after_blocks,) = response_logprobs(policy, *args)
+    torch.testing.assert_close(after_blocks[mask], policy_after[mask], atol=0, rtol=0)

@@ -84,12 +84,13 @@ EVAL_COLUMNS = [  # (heading, how to read it from an eval result)
 
 
 def eval_table(results: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title="fixed eval set (win rate: wins/ties/losses against the starting model)")
-    table.add_column("model")
-    for heading, _ in EVAL_COLUMNS:
-        table.add_column(heading, justify="right")
-    for name, result in results.items():
-        table.add_row(name, *[read(result) for _, read in EVAL_COLUMNS])
+    """One row per metric, one column per model: narrow enough for any terminal."""
+    table = Table(title="fixed eval set (win: rate (wins/ties/losses) against the starting model)")
+    table.add_column("")
+    for name in results:
+        table.add_column(name, justify="right")
+    for heading, read in EVAL_COLUMNS:
+        table.add_row(heading, *[read(result) for result in results.values()])
     return table
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tether.config import DataConfig
 from tether.errors import TetherError
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,12 @@ def encode_prompt(
         log.warning("prompt of %d tokens cut to its last %d: %r...", len(ids), max_length, prompt.text[:60])
         ids = ids[-max_length:]  # keep the end: the generation prompt must stay intact
     return ids
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], config: DataConfig) -> list[list[int]]:
+    """Token ids of every prompt, with the data section's chat-template and length settings."""
+    chat = uses_chat_template(tokenizer, config.apply_chat_template)
+    return [encode_prompt(tokenizer, p, chat, config.max_prompt_length, config.prompt_overflow) for p in prompts]
 
 
 class PromptSampler:

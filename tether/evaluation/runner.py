@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tether.config import ConfigError, EvalConfig, PPOConfig
 from tether.core import kl_per_token
-from tether.data import Prompt, encode_prompt, load_prompts, shipped_data, uses_chat_template
+from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
 from tether.evaluation.metrics import (
     distinct_n,
     self_similarity,
@@ -255,12 +255,8 @@ def build_evaluator(config: PPOConfig, device: torch.device | None = None) -> Ev
 
 
 def eval_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[Prompt], list[list[int]]]:
-    chat = uses_chat_template(tokenizer, config.data.apply_chat_template)
     prompts = load_prompts(config.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: config.eval.num_prompts]
-    ids = [
-        encode_prompt(tokenizer, p, chat, config.data.max_prompt_length, config.data.prompt_overflow) for p in prompts
-    ]
-    return prompts, ids
+    return prompts, encode_prompts(tokenizer, prompts, config.data)
 
 
 def evaluate_targets(config: PPOConfig, targets: list[Target]) -> dict[str, Any]:

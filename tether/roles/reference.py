@@ -22,18 +22,29 @@ class Reference:
             raise ValueError("a Reference is either its own model or a LoRA policy's base, not both")
         self._model = model
         self._lora_policy = lora_policy
+        self._adapter_off = False  # inside as_model() already: nested uses must not re-enable it
         if model is not None:
             model.eval()
             model.requires_grad_(False)
 
     @contextmanager
     def as_model(self) -> Iterator[Any]:
-        """The reference as a callable model for the duration of the block (adapter disabled)."""
-        if self._lora_policy is not None:
-            with self._lora_policy.disable_adapter():
-                yield self._lora_policy
-        else:
+        """The reference as a callable model for the duration of the block (adapter disabled).
+
+        Re-entrant: PEFT's disable_adapter() re-enables the adapter when *any* block exits, so a
+        nested use (reference log-probs while evaluating the reference) must not open a second one.
+        """
+        if self._lora_policy is None:
             yield self._model
+        elif self._adapter_off:
+            yield self._lora_policy
+        else:
+            self._adapter_off = True
+            try:
+                with self._lora_policy.disable_adapter():
+                    yield self._lora_policy
+            finally:
+                self._adapter_off = False
 
     @torch.no_grad()
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, response_start: int, temperature: float) -> Tensor:

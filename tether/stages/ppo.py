@@ -59,7 +59,7 @@ from tether.core import (
     per_token_rewards,
 )
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
-from tether.data import PromptSampler, encode_prompt, load_prompts, shipped_data, uses_chat_template
+from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
 from tether.errors import NumericalError, TrainingInterrupted
 from tether.evaluation.metrics import distinct_n, top_opening_share
 from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, eval_prompts
@@ -143,12 +143,8 @@ class PPOTrainer:
         )
 
         # Prompts, tokenized once.
-        chat = uses_chat_template(self.tokenizer, cfg.data.apply_chat_template)
         self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
-        self.prompt_ids = [
-            encode_prompt(self.tokenizer, p, chat, cfg.data.max_prompt_length, cfg.data.prompt_overflow)
-            for p in self.prompts
-        ]
+        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
         self.evaluator: Evaluator | None = None
         if cfg.eval.num_prompts > 0:
             eval_set, eval_ids = eval_prompts(cfg, self.tokenizer)
