@@ -134,3 +134,20 @@ def test_a_healthy_short_run_raises_no_alarm(tiny_llama, task):
     PPOTrainer(tiny_config(tiny_llama, task, "train.steps=6", "train.lr=1e-4"), task / "run").train()
     rows = read_jsonl(task / "run" / "metrics.jsonl")
     assert not [k for r in rows for k in r if k.startswith("alarm/")]
+
+
+def test_a_judge_function_decides_the_wins(tiny_llama, task):
+    """eval.judge as a function: its scores (not the training reward) decide wins and ties."""
+    (task / "judge.py").write_text(
+        "def longer(prompts, responses, **kw):\n    return [len(r.split()) for r in responses]\n"
+    )
+    config = tiny_config(tiny_llama, task, "eval.num_prompts=8", f"eval.judge={task / 'judge.py'}:longer")
+    evaluator = build_evaluator(config)
+    with evaluator.reference.as_model() as model:
+        results = {START: evaluator.evaluate(model, START)}
+    shorter = dict(results[START], samples=[dict(s, judge=s["judge"] - 1) for s in results[START]["samples"]])
+    results["shorter"] = shorter
+    add_win_rates(results, START, tie_margin=0.0)
+    assert results[START]["judge"]["name"].endswith("judge.py:longer")
+    assert all(s["judge"] == len(s["response"].split()) for s in results[START]["samples"])
+    assert results["shorter"]["win_rate"]["losses"] == 8 and results["shorter"]["win_rate"]["rate"] == 0.0

@@ -106,6 +106,7 @@ def bad_inputs(task: Path) -> list[tuple[str, list[str], str]]:
         ("negative learning rate", ["train.lr=-0.001"], "train.lr must be a finite number > 0"),
         ("clip of 0", ["ppo.clip_coef=0"], "ppo.clip_coef must be a finite number > 0"),
         ("batch that does not divide", ["ppo.minibatch_size=3"], "ppo.minibatch_size=3 must divide"),
+        ("an eval judge that is not one", ["eval.judge=rewards"], "eval.judge must be 'auto', 'reward', 'gold'"),
         (
             "reward function that cannot be imported",
             ["reward.function=no_such_module_xyz:f"],

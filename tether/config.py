@@ -265,6 +265,10 @@ class PPOConfig:
         for key in ("ppo.gamma", "ppo.lam"):
             if not 0.0 <= get_path(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {get_path(self, key)}")
+        if self.eval.judge not in ("auto", "reward", "gold") and ":" not in self.eval.judge:
+            raise ConfigError(
+                f"eval.judge must be 'auto', 'reward', 'gold' or a function 'file.py:name', got {self.eval.judge!r}"
+            )
         if self.alarms.window < 2:
             raise ConfigError(f"alarms.window must be at least 2 (a trend needs two halves), got {self.alarms.window}")
         if self.train.keep_last < 1 and self.train.save_every > 0:
