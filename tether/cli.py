@@ -16,6 +16,7 @@ traceback as well.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from tether.checkpoint import atomic_write_text
 from tether.config import ConfigError, PPOConfig, config_to_dict, load_config
 from tether.errors import TetherError, TrainingInterrupted
 
@@ -128,10 +130,6 @@ def _judge(args: argparse.Namespace, config: PPOConfig, specs: list[str]) -> int
         page = write_report(config, targets, output)
         term.console.print(f"report: {page}")
         return 0
-    import json
-
-    from tether.checkpoint import atomic_write_text
-
     document = evaluate_targets(config, targets)
     atomic_write_text(output / "eval.json", json.dumps(document, indent=2))
     term.console.print(term.eval_table(document["results"]))

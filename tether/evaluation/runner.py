@@ -32,7 +32,7 @@ from tether.evaluation.metrics import (
 from tether.models import ModelNotFoundError, eos_token_ids, load_causal_lm, load_tokenizer
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
-from tether.roles.reward import RewardSources, call_function, load_function
+from tether.roles.reward import RewardSources, call_function, load_function, reward_sources
 from tether.rollout import decode_responses, generate
 from tether.runtime import autocast, pick_device
 
@@ -230,33 +230,32 @@ def build_evaluator(config: PPOConfig, device: torch.device | None = None) -> Ev
         config.model.ref_model or config.model.name, tokenizer, config.model.trust_remote_code
     )
     reference = Reference(model=reference_model.to(device))
-    rewards = RewardSources(
-        config.reward,
-        tokenizer,
-        device,
-        config.model.trust_remote_code,
-        config.train.micro_batch_size,
-        config.rollout.missing_eos_penalty,
-        config.model.dtype,
-    )
-    prompts, prompt_ids = eval_prompts(config, tokenizer)
+    rewards = reward_sources(config, tokenizer, device)
+    return evaluator_for(config, tokenizer, reference, rewards, eos_token_ids(tokenizer, reference_model), device)
+
+
+def evaluator_for(
+    config: PPOConfig,
+    tokenizer: Any,
+    reference: Reference,
+    rewards: RewardSources,
+    eos_ids: list[int],
+    device: torch.device,
+) -> Evaluator:
+    """An evaluator over the config's eval prompts, judging with roles the caller already holds."""
+    prompts = load_prompts(config.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: config.eval.num_prompts]
     return Evaluator(
         config.eval,
         tokenizer,
         reference,
         rewards,
         prompts,
-        prompt_ids,
+        encode_prompts(tokenizer, prompts, config.data),
         config.rollout.max_new_tokens,
-        eos_token_ids(tokenizer, reference_model),
+        eos_ids,
         device,
         config.model.dtype,
     )
-
-
-def eval_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[Prompt], list[list[int]]]:
-    prompts = load_prompts(config.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: config.eval.num_prompts]
-    return prompts, encode_prompts(tokenizer, prompts, config.data)
 
 
 def evaluate_targets(config: PPOConfig, targets: list[Target]) -> dict[str, Any]:

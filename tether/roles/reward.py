@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tether.config import RewardConfig
+from tether.config import PPOConfig, RewardConfig
 from tether.core.advantages import last_true_index
 from tether.errors import TetherError
 from tether.models import load_scalar_model, load_tokenizer, scalar_head
@@ -204,3 +204,16 @@ class RewardSources:
         encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         device = input_ids.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def reward_sources(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> RewardSources:
+    """The reward sources a config asks for, with its EOS penalty, batch size and dtype."""
+    return RewardSources(
+        config.reward,
+        tokenizer,
+        device,
+        config.model.trust_remote_code,
+        config.train.micro_batch_size,
+        config.rollout.missing_eos_penalty,
+        config.model.dtype,
+    )

@@ -62,7 +62,7 @@ from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
 from tether.errors import NumericalError, TrainingInterrupted
 from tether.evaluation.metrics import distinct_n, top_opening_share
-from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, eval_prompts
+from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, evaluator_for
 from tether.models import (
     eos_token_ids,
     load_causal_lm,
@@ -74,7 +74,7 @@ from tether.models import (
 from tether.roles.batching import in_chunks
 from tether.roles.policy import add_lora, response_logprobs
 from tether.roles.reference import Reference
-from tether.roles.reward import RewardSources
+from tether.roles.reward import reward_sources
 from tether.roles.value import response_values
 from tether.rollout import Rollout, decode_responses, generate
 from tether.runlog import RunLog, read_jsonl
@@ -132,34 +132,14 @@ class PPOTrainer:
             )
             self.reference = Reference(model=ref_model.to(self.device))
         self.value_model = self._load_value_model(resume_from)
-        self.rewards = RewardSources(
-            cfg.reward,
-            self.tokenizer,
-            self.device,
-            cfg.model.trust_remote_code,
-            cfg.train.micro_batch_size,
-            cfg.rollout.missing_eos_penalty,
-            cfg.model.dtype,
-        )
+        self.rewards = reward_sources(cfg, self.tokenizer, self.device)
 
         # Prompts, tokenized once.
         self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
         self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
         self.evaluator: Evaluator | None = None
         if cfg.eval.num_prompts > 0:
-            eval_set, eval_ids = eval_prompts(cfg, self.tokenizer)
-            self.evaluator = Evaluator(
-                cfg.eval,
-                self.tokenizer,
-                self.reference,
-                self.rewards,
-                eval_set,
-                eval_ids,
-                cfg.rollout.max_new_tokens,
-                self.eos_ids,
-                self.device,
-                cfg.model.dtype,
-            )
+            self.evaluator = evaluator_for(cfg, self.tokenizer, self.reference, self.rewards, self.eos_ids, self.device)
         self._start_eval: dict[str, Any] | None = None  # the starting model's eval result, computed once
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
 
