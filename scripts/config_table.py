@@ -1,21 +1,26 @@
-"""Print the Markdown table of every config key, its default and meaning (pasted into README.md).
+"""Print the Markdown tables of every config key, its default and meaning (pasted into README.md).
 
-    .venv/bin/python scripts/config_table.py
+    .venv/bin/python scripts/config_table.py ppo     # tether ppo (and eval, compare)
+    .venv/bin/python scripts/config_table.py rm      # tether rm; tether sft reads the same keys but rm.*
 
-tests/test_docs.py checks that README.md lists every key this prints, so the two cannot drift.
+tests/test_docs.py checks that README.md lists every key these print, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
-from tether.config import PPOConfig, field_help
+from tether.config import PPOConfig, RMConfig, field_help
+
+TABLES = {"ppo": PPOConfig, "rm": RMConfig}
 
 
 def main() -> None:
+    stage = sys.argv[1] if len(sys.argv) > 1 else "ppo"
     print("| key | default | meaning |")
     print("| --- | --- | --- |")
-    for key, default, help_text in field_help(PPOConfig):
+    for key, default, help_text in field_help(TABLES[stage]):
         print(f"| `{key}` | `{json.dumps(default)}` | {help_text} |")
 
 

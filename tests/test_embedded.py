@@ -5,6 +5,7 @@ Slow (minutes on a 2-core CPU): `make test` runs it once, `make test-fast` skips
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -65,33 +66,41 @@ def test_embedded_model_loads_with_a_dedicated_pad_token_and_chat_template():
     torch.testing.assert_close(recomputed[mask], sampled[mask], atol=2e-4, rtol=0)
 
 
-def test_demo_config_runs_ppo_on_the_embedded_model(tmp_path: Path):
-    """Three short iterations of the demo config through the CLI: the run completes, the first
-    step has KL exactly 0, KL stays finite, and the LoRA adapter is saved."""
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tether",
-            "ppo",
-            "--config",
-            str(ROOT / "configs" / "demo.yaml"),
-            "train.steps=3",
-            "train.batch_size=4",
-            "ppo.minibatch_size=8",
-            "rollout.max_new_tokens=16",
-            "eval.num_prompts=1",
-            "--output",
-            str(run),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
+def _tether(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=1200, cwd=ROOT
     )
+
+
+def test_demo_pipeline_runs_rm_then_ppo_on_the_embedded_model(tmp_path: Path):
+    """The demo's two configs, shortened, through the CLI: a LoRA reward model on the shipped pairs
+    (a few steps, held out on 16 pairs) saves a merged model with its normalisation; PPO against it
+    runs three iterations with the value model started from it: the first step has KL exactly 0,
+    the learned and the gold scores are logged and finite, and the LoRA adapter is saved."""
+    held_out = tmp_path / "held_out.jsonl"
+    lines = (ROOT / "tether" / "assets" / "preferences_test.jsonl").read_text().splitlines()
+    held_out.write_text("\n".join(lines[:16]) + "\n")
+    rm_run, ppo_run = tmp_path / "rm", tmp_path / "ppo"
+    result = _tether(
+        "rm", "--config", "configs/demo-rm.yaml", "train.steps=3", "train.batch_size=4",
+        f"data.eval={held_out}", "--output", str(rm_run),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_jsonl(run / "metrics.jsonl")
+    final_rm = rm_run / "checkpoints" / "final"
+    config = json.loads((final_rm / "config.json").read_text())
+    assert config["tether_score_normalization"]["gain"] > 0
+    assert not (final_rm / "adapter_config.json").exists()  # merged: a plain sequence classifier
+
+    result = _tether(
+        "ppo", "--config", "configs/demo.yaml", f"reward.model={final_rm}", "train.steps=3",
+        "train.batch_size=4", "ppo.minibatch_size=8", "rollout.max_new_tokens=16", "eval.num_prompts=1",
+        "--output", str(ppo_run),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(ppo_run / "metrics.jsonl")
     assert len(rows) == 3 and rows[0]["objective/kl"] == 0.0
-    assert all(math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy"]) for r in rows)
-    assert (run / "checkpoints" / "final" / "adapter_config.json").is_file()
+    for row in rows:
+        for key in ("objective/kl", "loss/policy", "objective/model_scores", "objective/gold_scores"):
+            assert math.isfinite(row[key]), (key, row)
+    assert (ppo_run / "checkpoints" / "final" / "adapter_config.json").is_file()
     assert "report:" in result.stdout

@@ -126,7 +126,7 @@ def test_logprobs_do_not_depend_on_padding_or_batch_composition(lm):
 
 def test_values_do_not_depend_on_padding(tiny_llama):
     tokenizer = load_tokenizer(str(tiny_llama))
-    value = load_scalar_model(str(tiny_llama), tokenizer, zero_new_head=False)
+    value = load_scalar_model(str(tiny_llama), tokenizer, new_head="reward")
     prompt = _prompt_ids(tokenizer)[0]
     response = tokenizer("a big red dog")["input_ids"]
     results = []
@@ -152,7 +152,7 @@ def test_reward_is_read_at_the_last_real_token(tiny_llama, side):
     """The score of each sequence equals the head applied to the hidden state of its last real
     token (its EOS) computed on the unpadded sequence, whatever the padding side."""
     tokenizer = load_tokenizer(str(tiny_llama))
-    reward_model = load_scalar_model(str(tiny_llama), tokenizer, zero_new_head=False)
+    reward_model = load_scalar_model(str(tiny_llama), tokenizer, new_head="reward")
     eos = tokenizer.eos_token_id
     sequences = [p + [eos] for p in _prompt_ids(tokenizer)]
     width = max(len(s) for s in sequences) + 2

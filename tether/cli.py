@@ -1,7 +1,9 @@
 """The `tether` command line.
 
+    tether sft --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
+    tether rm  --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether ppo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
-    tether ppo --print-config [--config FILE.yaml] [key.sub=value ...]
+    tether STAGE --print-config [--config FILE.yaml] [key.sub=value ...]
     tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
     tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
 
@@ -21,14 +23,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from tether.checkpoint import atomic_write_text
-from tether.config import ConfigError, PPOConfig, config_to_dict, load_config
+from tether.config import ConfigError, PPOConfig, RMConfig, SFTConfig, config_to_dict, load_config
 from tether.errors import TetherError, TrainingInterrupted
 
-STAGES = {"ppo": PPOConfig, "eval": PPOConfig, "compare": PPOConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "eval": PPOConfig, "compare": PPOConfig}
+TRAINING = ("sft", "rm", "ppo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     overrides = [w for w in args.words if "=" in w]
     targets = [w for w in args.words if "=" not in w]
-    if args.stage == "ppo" and targets:
-        raise ConfigError(f"tether ppo takes no targets, got {targets}; overrides look like key.sub=value")
+    if args.stage in TRAINING and targets:
+        raise ConfigError(f"tether {args.stage} takes no targets, got {targets}; overrides look like key.sub=value")
     if args.stage == "eval" and not targets:
         raise ConfigError("tether eval needs at least one TARGET: a run directory, a checkpoint folder or a model")
     if args.stage == "compare" and len(targets) < 2:
@@ -85,8 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
-    if args.stage == "ppo":
-        return _ppo(args, config)
+    if args.stage in TRAINING:
+        return _train(args, config)
     return _judge(args, config, targets)
 
 
@@ -102,14 +106,25 @@ def _config_of_a_run(args: argparse.Namespace, targets: list[str]) -> Path | Non
     return None
 
 
-def _ppo(args: argparse.Namespace, config: PPOConfig) -> int:
+def _train(args: argparse.Namespace, config: Any) -> int:
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR: the run to continue")
     output = args.output or Path("runs") / f"{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    from tether.stages.ppo import PPOTrainer  # heavy imports only once the input is known good
+    # Heavy imports only once the input is known good.
+    trainer: Any
+    if args.stage == "ppo":
+        from tether.stages.ppo import PPOTrainer
 
-    trainer = PPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
+        trainer = PPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
+    elif args.stage == "rm":
+        from tether.stages.rm import RMTrainer
+
+        trainer = RMTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
+    else:
+        from tether.stages.sft import SFTTrainer
+
+        trainer = SFTTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
     trainer.train()
     return 0
 

@@ -291,6 +291,126 @@ class PPOConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# The stages before PPO: reward-model training and SFT
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SupervisedData:
+    train: str | None = _doc(
+        None, "Training file (JSON Lines, Parquet or a datasets folder). null: the shipped file of the stage."
+    )
+    eval: str | None = _doc(
+        None, "Held-out file in the training file's format. null: the shipped held-out file of the stage."
+    )
+    max_prompt_length: int = _doc(
+        256, "Longest prompt in tokens, chat template included (longer ones are cut from the left)."
+    )
+    max_length: int = _doc(
+        512, "Longest prompt + response in tokens; a longer example is left out of training with a warning."
+    )
+    apply_chat_template: bool | None = _doc(
+        None, "Wrap prompts in the tokenizer's chat template. null: when the tokenizer has one."
+    )
+
+
+@dataclass
+class SupervisedTrain:
+    epochs: float = _doc(1.0, "Passes over the training data (ignored when train.steps is set).")
+    steps: int | None = _doc(None, "Optimizer steps. null: train.epochs passes over the training data.")
+    batch_size: int = _doc(8, "Examples (rm: preference pairs) per optimizer step.")
+    lr: float = _doc(1.0e-5, "Learning rate (AdamW); LoRA usually wants about 10x more.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = _doc("linear", "Learning-rate schedule (after warmup).")
+    warmup_steps: int = _doc(0, "Optimizer steps of linear warmup.")
+    adam_eps: float = _doc(1.0e-8, "AdamW epsilon.")
+    weight_decay: float = _doc(0.0, "AdamW weight decay.")
+    max_grad_norm: float | None = _doc(1.0, "Clip the gradient norm to this. null: no clipping.")
+    micro_batch_size: int | None = _doc(
+        None, "Examples per forward/backward pass (gradient accumulation). null: a whole batch at once."
+    )
+    max_nonfinite_in_a_row: int = _doc(
+        3, "Optimizer steps in a row with a non-finite gradient (each skipped) after which the run stops."
+    )
+    eval_every: int = _doc(0, "Evaluate on data.eval every this many steps (logged as eval/*); 0: only at the end.")
+    seed: int = _doc(0, "Seed of every random generator (process k uses seed + k * 100003).")
+    save_every: int = _doc(50, "Write a checkpoint every this many steps (0: only the final model).")
+    keep_last: int = _doc(3, "Step checkpoints to keep; older ones are deleted after a newer one is complete.")
+    device: str = _doc("auto", "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    num_threads: int | None = _doc(None, "CPU threads for torch. null: torch's default (one per core).")
+
+
+@dataclass
+class RMParams:
+    margin: bool = _doc(
+        False, "Use each pair's 'margin' field in the loss -log sigmoid(r_chosen - r_rejected - margin)."
+    )
+    normalize: bool = _doc(
+        True,
+        "Store a gain and bias with the model so that its scores on the held-out responses (chosen and "
+        "rejected, samples of the starting model) have mean 0 and std 1.",
+    )
+
+
+@dataclass
+class RMConfig:
+    """Everything `tether rm` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SupervisedData = field(default_factory=SupervisedData)
+    train: SupervisedTrain = field(default_factory=SupervisedTrain)
+    rm: RMParams = field(default_factory=RMParams)
+
+    def validate(self) -> None:
+        _validate_supervised(self)
+
+
+@dataclass
+class SFTConfig:
+    """Everything `tether sft` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SupervisedData = field(default_factory=SupervisedData)
+    train: SupervisedTrain = field(default_factory=SupervisedTrain)
+
+    def validate(self) -> None:
+        _validate_supervised(self)
+
+
+def _validate_supervised(config: RMConfig | SFTConfig) -> None:
+    _positive(
+        config,
+        "train.epochs",
+        "train.batch_size",
+        "train.lr",
+        "train.adam_eps",
+        "train.max_nonfinite_in_a_row",
+        "data.max_prompt_length",
+        "data.max_length",
+    )
+    _non_negative(
+        config, "train.warmup_steps", "train.weight_decay", "train.eval_every", "train.save_every", "train.keep_last"
+    )
+    for key in ("train.steps", "train.max_grad_norm", "train.micro_batch_size", "train.num_threads"):
+        if get_path(config, key) is not None:
+            _positive(config, key)
+    if config.data.max_prompt_length >= config.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={config.data.max_prompt_length} must be below data.max_length="
+            f"{config.data.max_length}, or no response fits"
+        )
+    micro = config.train.micro_batch_size
+    if micro is not None and config.train.batch_size % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} must divide train.batch_size={config.train.batch_size}")
+    if config.train.keep_last < 1 and config.train.save_every > 0:
+        raise ConfigError("train.keep_last must be at least 1 when train.save_every > 0")
+    if config.model.lora is not None:
+        _positive(config, "model.lora.r", "model.lora.alpha")
+    for key in ("model.ref_model", "model.value_model"):
+        if get_path(config, key) is not None:
+            raise ConfigError(f"{key} is a ppo setting; this stage trains model.name alone")
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 

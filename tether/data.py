@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,98 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+# --------------------------------------------------------------------------------------------
+# SFT examples and preference pairs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A conversation to continue and the response to learn (the loss covers the response only)."""
+
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two responses to one prompt, the first preferred; `margin` is how strongly (optional)."""
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+
+def _text_field(record: dict[str, Any], name: str, where: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _record_prompt(record: dict[str, Any], where: str, expected: str) -> Prompt:
+    if record.get("prompt") is not None:
+        text = _text_field(record, "prompt", where)
+        return Prompt(({"role": "user", "content": text},), text)
+    if record.get("messages") is not None:
+        messages = _check_messages(record["messages"], where)
+        user_turns = [m["content"] for m in messages if m["role"] == "user"]
+        return Prompt(tuple(messages), user_turns[-1] if user_turns else messages[-1]["content"])
+    raise DataError(f"{where}: expected {expected}")
+
+
+def load_sft_examples(path: str | Path) -> list[SFTExample]:
+    """{"prompt": str, "response": str} or {"messages": [..., {"role": "assistant", ...}]} records.
+
+    For a conversation, the final assistant turn is the response and everything before it the prompt.
+    """
+    examples = []
+    unit = "line" if _is_json_lines(path) else "row"
+    expected = "fields 'prompt' and 'response' (strings), or 'messages' ending with an assistant turn"
+    for number, record in read_records(path):
+        where = f"{path}, {unit} {number}"
+        if record.get("prompt") is not None:
+            prompt = _record_prompt(record, where, expected)
+            examples.append(SFTExample(prompt, _text_field(record, "response", where)))
+        elif record.get("messages") is not None:
+            messages = _check_messages(record["messages"], where)
+            if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+                raise DataError(
+                    f"{where}: field 'messages' must end with a non-empty assistant turn after at least one other turn"
+                )
+            context = messages[:-1]
+            user_turns = [m["content"] for m in context if m["role"] == "user"]
+            prompt = Prompt(tuple(context), user_turns[-1] if user_turns else context[-1]["content"])
+            examples.append(SFTExample(prompt, messages[-1]["content"]))
+        else:
+            raise DataError(f"{where}: expected {expected}")
+    return examples
+
+
+def load_preferences(path: str | Path, with_margin: bool = False) -> list[PreferencePair]:
+    """{"prompt": str | "messages": [...], "chosen": str, "rejected": str[, "margin": number]} records."""
+    pairs = []
+    unit = "line" if _is_json_lines(path) else "row"
+    expected = "a field 'prompt' (a string) or 'messages' (a list of turns), plus 'chosen' and 'rejected'"
+    for number, record in read_records(path):
+        where = f"{path}, {unit} {number}"
+        prompt = _record_prompt(record, where, expected)
+        chosen = _text_field(record, "chosen", where)
+        rejected = _text_field(record, "rejected", where)
+        margin = 0.0
+        if with_margin:
+            value = record.get("margin")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(f"{where}: field 'margin' must be a finite number (rm.margin is on), got {value!r}")
+            margin = float(value)
+        pairs.append(PreferencePair(prompt, chosen, rejected, margin))
+    return pairs
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str, eos_id: int) -> list[int]:
+    """A response's token ids as the model would emit them: the text, then its end-of-turn token."""
+    ids = [int(i) for i in tokenizer(response, add_special_tokens=False)["input_ids"]]
+    return ids + [eos_id]

@@ -17,13 +17,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -228,15 +229,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedModel:
     """A float32 causal LM in eval mode (dropout off, RLHF-DETAILS 2). A LoRA adapter folder is
-    loaded onto its base and merged, so the result is a plain model whose weights *are* the
-    adapted ones (a PPO reference built from it is then the adapted model, RLHF-DETAILS 17)."""
+    loaded onto its base and merged (trainable again, like any loaded model), so the result is a
+    plain model whose weights *are* the adapted ones (a PPO reference built from it is then the
+    adapted model, RLHF-DETAILS 17)."""
     path = resolve_model_path(name)
     base = _adapter_base(path)
     if base is not None:
         from peft import PeftModel
 
         base_model = load_causal_lm(base, tokenizer, trust_remote_code)
-        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
+        model = PeftModel.from_pretrained(base_model, path).merge_and_unload().requires_grad_(True)
     else:
         with quiet_transformers():
             model = _loaded(
@@ -254,22 +256,28 @@ def load_scalar_model(
     name: str,
     tokenizer: PreTrainedTokenizerBase,
     trust_remote_code: bool = False,
-    zero_new_head: bool = True,
+    new_head: Literal["zero", "reward"] = "zero",
 ) -> PreTrainedModel:
     """A sequence classifier with one output: a reward model, or a value model's starting point.
 
     From a sequence-classifier checkpoint (a trained reward or value model) the head is loaded as
-    is. From a causal LM checkpoint the backbone is loaded and the `score` head is new; with
-    `zero_new_head` it starts at zero, so a fresh value model predicts 0 everywhere
-    (RLHF-DETAILS 7). A LoRA adapter folder is merged into its base.
+    is. From a causal LM checkpoint the backbone is loaded and the `score` head is new: `new_head`
+    'zero' starts it at zero, so a fresh value model predicts 0 everywhere, and 'reward' draws it
+    from N(0, 1/sqrt(d_model + 1)) as a reward model's (RLHF-DETAILS 7). A LoRA adapter folder is
+    merged into its base.
     """
     path = resolve_model_path(name)
     base = _adapter_base(path)
     if base is not None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        base_model = load_scalar_model(base, tokenizer, trust_remote_code, zero_new_head)
-        model = PeftModel.from_pretrained(base_model, path).merge_and_unload()
+        base_model = load_scalar_model(base, tokenizer, trust_remote_code, new_head)
+        adapter = PeftConfig.from_pretrained(path)
+        if adapter.task_type != "SEQ_CLS":
+            # A causal-LM adapter (an SFT model) adapts the backbone the classifier shares with it;
+            # loaded as a plain adapter, its weights land on the same module names.
+            adapter.task_type = None
+        model = PeftModel.from_pretrained(base_model, path, config=adapter).merge_and_unload().requires_grad_(True)
     else:
         config = _loaded(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
         has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
@@ -278,10 +286,13 @@ def load_scalar_model(
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
-        if zero_new_head and not has_head:
+        if not has_head:
             with torch.no_grad():
                 for param in scalar_head(model).parameters():
-                    param.zero_()
+                    if new_head == "zero" or param.dim() == 1:  # a bias, where there is one, starts at 0
+                        param.zero_()
+                    else:
+                        param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1] + 1))
     resize_for_tokenizer(model, tokenizer)
     return model.eval()
 

@@ -20,6 +20,7 @@ from tether.core.masked import (
     masked_var,
     masked_whiten,
 )
+from tether.core.supervised import pairwise_loss, response_nll
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -37,6 +38,8 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pairwise_loss",
     "per_token_rewards",
     "ppo_policy_loss",
+    "response_nll",
 ]

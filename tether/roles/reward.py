@@ -95,18 +95,40 @@ def call_function(
     return torch.tensor(checked, dtype=torch.float32)
 
 
-@torch.no_grad()
-def sequence_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """A reward model's score read at the last real token of each sequence (RLHF-DETAILS 5, 6).
+# config.json key of a reward model's normalisation {"gain": g, "bias": b}: tether scores it as
+# g * raw + b (RLHF-DETAILS 8). Plain transformers ignores the key and returns the raw score.
+NORMALIZATION_KEY = "tether_score_normalization"
+
+
+def last_token_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A scalar model's raw output read at the last real token of each sequence (RLHF-DETAILS 5, 6).
 
     The last real token is found from the attention mask, never from the pad id, so it is right
-    for left, right or both-sided padding. (B, L) -> (B,) float32.
+    for left, right or both-sided padding. Differentiable (reward-model training uses it).
+    (B, L) -> (B,) float32.
     """
     last = last_true_index(attention_mask)  # (B,)
     end = int(last.max()) + 1
     hidden = backbone_hidden(model, input_ids[:, :end], attention_mask[:, :end])  # (B, end, H)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return scalar_head(model)(picked).squeeze(-1).float()
+
+
+def score_normalization(model: Any) -> tuple[float, float]:
+    """(gain, bias) saved with a reward model by `tether rm`; (1, 0) for any other model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(inner.config, NORMALIZATION_KEY, None)
+    if not saved:
+        return 1.0, 0.0
+    return float(saved["gain"]), float(saved["bias"])
+
+
+@torch.no_grad()
+def sequence_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A reward model's score of each sequence: read at the last real token, then normalised
+    with the gain and bias saved with the model. (B, L) -> (B,) float32."""
+    gain, bias = score_normalization(model)
+    return last_token_scores(model, input_ids, attention_mask) * gain + bias
 
 
 class RewardSources:

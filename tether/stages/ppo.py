@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, TaskType
 from torch import Tensor
-from transformers import get_scheduler
 
 from tether import console as term
 from tether.alarms import AlarmSettings, check_alarms
@@ -66,13 +64,10 @@ from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_docum
 from tether.models import (
     eos_token_ids,
     load_causal_lm,
-    load_scalar_model,
     load_tokenizer,
-    quiet_transformers,
-    resolve_model_path,
 )
 from tether.roles.batching import in_chunks
-from tether.roles.policy import add_lora, response_logprobs
+from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import reward_sources
 from tether.roles.value import response_values
@@ -87,6 +82,7 @@ from tether.runtime import (
     set_rng_state,
     set_threads,
 )
+from tether.stages.common import load_trainable, make_optimizer, save_model
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +142,17 @@ class PPOTrainer:
         # Optimisation: one AdamW, a parameter group per trained model (each clipped on its own).
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.value_params = [p for p in self.value_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+        rollout_size = cfg.train.batch_size * cfg.rollout.samples_per_prompt
+        self.optimizer, self.scheduler = make_optimizer(
             [
                 {"params": self.policy_params, "lr": cfg.train.lr},
                 {"params": self.value_params, "lr": cfg.train.value_lr or cfg.train.lr},
             ],
-            eps=cfg.train.adam_eps,
-            weight_decay=cfg.train.weight_decay,
-        )
-        rollout_size = cfg.train.batch_size * cfg.rollout.samples_per_prompt
-        self.scheduler = get_scheduler(
+            cfg.train.adam_eps,
+            cfg.train.weight_decay,
             cfg.train.lr_schedule,
-            self.optimizer,
-            num_warmup_steps=cfg.train.warmup_steps,
-            num_training_steps=cfg.train.steps * cfg.ppo.epochs * (rollout_size // cfg.ppo.minibatch_size),
+            cfg.train.warmup_steps,
+            cfg.train.steps * cfg.ppo.epochs * (rollout_size // cfg.ppo.minibatch_size),
         )
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.step = 0
@@ -427,35 +420,17 @@ class PPOTrainer:
 
     def _load_policy(self, resume_from: Path | None) -> Any:
         cfg = self.config.model
-        policy: Any
-        if cfg.lora is None:
-            policy = load_causal_lm(
-                str(resume_from) if resume_from else cfg.name, self.tokenizer, cfg.trust_remote_code
-            )
-        else:
-            base = load_causal_lm(cfg.name, self.tokenizer, cfg.trust_remote_code)
-            if resume_from is not None:
-                policy = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
-            else:
-                policy = add_lora(base, cfg.lora)
-        return policy.to(self.device).eval()
+        policy = load_trainable("causal", cfg.name, cfg.lora, self.tokenizer, resume_from, cfg.trust_remote_code)
+        return policy.to(self.device)
 
     def _value_source(self) -> str:
         return self.config.model.value_model or self.config.reward.model or self.config.model.name
 
     def _load_value_model(self, resume_from: Path | None) -> Any:
         cfg = self.config.model
-        saved = str(resume_from / "value") if resume_from else None
-        value: Any
-        if cfg.lora is None:
-            value = load_scalar_model(saved or self._value_source(), self.tokenizer, cfg.trust_remote_code)
-        else:
-            base = load_scalar_model(self._value_source(), self.tokenizer, cfg.trust_remote_code)
-            if saved is not None:
-                value = PeftModel.from_pretrained(base, saved, is_trainable=True)
-            else:
-                value = add_lora(base, cfg.lora, TaskType.SEQ_CLS)  # the score head is trained in full
-        return value.to(self.device).eval()
+        saved = resume_from / "value" if resume_from else None
+        value = load_trainable("scalar", self._value_source(), cfg.lora, self.tokenizer, saved, cfg.trust_remote_code)
+        return value.to(self.device)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints and the report
@@ -465,8 +440,8 @@ class PPOTrainer:
         """Write checkpoints/step-NNNNNN (or final/) atomically; prune old step checkpoints."""
         target = self.checkpoints / ("final" if final else step_dir_name(self.step))
         with atomic_dir(target) as tmp:
-            self._save_model(self.policy, tmp, base_name=self.config.model.name)
-            self._save_model(self.value_model, tmp / "value", base_name=self._value_source())
+            save_model(self.policy, tmp, self.tokenizer, self.config.model.name)
+            save_model(self.value_model, tmp / "value", self.tokenizer, self._value_source())
             if not final:
                 save_trainer_state(
                     tmp,
@@ -484,15 +459,6 @@ class PPOTrainer:
         if not final:
             prune_step_checkpoints(self.checkpoints, self.config.train.keep_last)
         return target
-
-    def _save_model(self, model: Any, folder: Path, base_name: str) -> None:
-        if isinstance(model, PeftModel):
-            # Point the adapter at a base that loads on this machine (the built-in name resolves to
-            # its converted cache folder), so plain transformers + peft can load it too.
-            model.peft_config["default"].base_model_name_or_path = resolve_model_path(base_name)
-        with quiet_transformers():
-            model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
 
     def _load_trainer_state(self, folder: Path) -> None:
         state = load_trainer_state(folder)
