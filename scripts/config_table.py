@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/config_table.py ppo     # tether ppo (and eval, compare)
     .venv/bin/python scripts/config_table.py rm      # tether rm; tether sft reads the same keys but rm.*
+    .venv/bin/python scripts/config_table.py dpo     # tether dpo: the rm keys but rm.*, plus dpo.*
 
 tests/test_docs.py checks that README.md lists every key these print, so the two cannot drift.
 """
@@ -11,9 +12,9 @@ from __future__ import annotations
 import json
 import sys
 
-from tether.config import PPOConfig, RMConfig, field_help
+from tether.config import DPOConfig, PPOConfig, RMConfig, field_help
 
-TABLES = {"ppo": PPOConfig, "rm": RMConfig}
+TABLES = {"ppo": PPOConfig, "rm": RMConfig, "dpo": DPOConfig}
 
 
 def main() -> None:

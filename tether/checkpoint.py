@@ -102,7 +102,7 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.md")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.md", "reference_logprobs.pt")
 RUN_FOLDERS = ("checkpoints", "tb", "eval")
 
 

@@ -3,6 +3,7 @@
     tether sft --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether rm  --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether ppo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
+    tether dpo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether STAGE --print-config [--config FILE.yaml] [key.sub=value ...]
     tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
     tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
@@ -28,11 +29,18 @@ from typing import Any
 import yaml
 
 from tether.checkpoint import atomic_write_text
-from tether.config import ConfigError, PPOConfig, RMConfig, SFTConfig, config_to_dict, load_config
+from tether.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, config_to_dict, load_config
 from tether.errors import TetherError, TrainingInterrupted
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "eval": PPOConfig, "compare": PPOConfig}
-TRAINING = ("sft", "rm", "ppo")
+STAGES: dict[str, type] = {
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+    "eval": PPOConfig,
+    "compare": PPOConfig,
+}
+TRAINING = ("sft", "rm", "ppo", "dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +125,10 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         from tether.stages.ppo import PPOTrainer
 
         trainer = PPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
+    elif args.stage == "dpo":
+        from tether.stages.dpo import DPOTrainer
+
+        trainer = DPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
     elif args.stage == "rm":
         from tether.stages.rm import RMTrainer
 

@@ -376,7 +376,31 @@ class SFTConfig:
         _validate_supervised(self)
 
 
-def _validate_supervised(config: RMConfig | SFTConfig) -> None:
+@dataclass
+class DPOParams:
+    beta: float = _doc(
+        0.1, "DPO beta: the strength of the implicit KL tie to the reference (rewards are beta x log-ratio)."
+    )
+    loss_type: Literal["sigmoid", "ipo"] = _doc(
+        "sigmoid", "'sigmoid' (DPO) or 'ipo' (IPO: squared loss on per-token mean log-ratios, target 1 / (2 beta))."
+    )
+
+
+@dataclass
+class DPOConfig:
+    """Everything `tether dpo` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SupervisedData = field(default_factory=SupervisedData)
+    train: SupervisedTrain = field(default_factory=SupervisedTrain)
+    dpo: DPOParams = field(default_factory=DPOParams)
+
+    def validate(self) -> None:
+        _validate_supervised(self)
+        _positive(self, "dpo.beta")
+
+
+def _validate_supervised(config: RMConfig | SFTConfig | DPOConfig) -> None:
     _positive(
         config,
         "train.epochs",

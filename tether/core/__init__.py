@@ -20,7 +20,7 @@ from tether.core.masked import (
     masked_var,
     masked_whiten,
 )
-from tether.core.supervised import pairwise_loss, response_nll
+from tether.core.supervised import dpo_loss, pairwise_loss, response_nll
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -28,6 +28,7 @@ __all__ = [
     "FixedKLController",
     "clipped_value_loss",
     "compute_gae",
+    "dpo_loss",
     "explained_variance",
     "kl_per_token",
     "last_true_index",

@@ -53,3 +53,43 @@ def response_nll(
     )
     loss = -masked_sum(logprobs, response_mask) / n
     return loss, {"loss/sft": loss.detach()}
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    pair_count: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct preference optimisation (Rafailov et al. 2023, eq. 7), or IPO (Azar et al. 2023, eq. 17).
+
+    The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)); with
+    h = (chosen - ref_chosen) - (rejected - ref_rejected),
+      sigmoid: loss = -log sigmoid(beta * h)          (log 2 when the policy is the reference)
+      ipo:     loss = (h - 1 / (2 * beta)) ** 2        (pass per-token mean log-probs, as IPO does)
+    All inputs (N,) sequence log-probs; stats are keyed by the names DPO users read.
+    """
+    n = float(pair_count if pair_count is not None else max(len(chosen_logps), 1))
+    chosen_reward = beta * (chosen_logps - ref_chosen_logps)  # (N,)
+    rejected_reward = beta * (rejected_logps - ref_rejected_logps)  # (N,)
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    loss = losses.sum() / n
+    with torch.no_grad():
+        margin = chosen_reward - rejected_reward
+        stats = {
+            "loss/dpo": loss.detach(),
+            "rewards/chosen": chosen_reward.sum() / n,
+            "rewards/rejected": rejected_reward.sum() / n,
+            "rewards/margins": margin.sum() / n,
+            "rewards/accuracies": ((margin > 0).float() + 0.5 * (margin == 0).float()).sum() / n,
+        }
+    return loss, stats

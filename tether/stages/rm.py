@@ -93,6 +93,9 @@ class RewardModelTask:
                 rejected.append(r.cpu())
         return torch.cat(chosen), torch.cat(rejected)
 
+    def prepare(self, model: Any, splits: dict[str, list[Any]], run_dir: Path, resumed: bool) -> None:
+        pass
+
     def finish(self, model: Any, eval_pairs: list[EncodedPair], batch_size: int) -> tuple[Any, dict[str, Any]]:
         """Merge LoRA, and store the normalisation measured on the held-out responses."""
         if isinstance(model, PeftModel):

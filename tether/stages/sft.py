@@ -69,6 +69,9 @@ class SFTTask:
         )
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
+    def prepare(self, model: Any, splits: dict[str, list[Any]], run_dir: Path, resumed: bool) -> None:
+        pass
+
     def finish(self, model: Any, eval_examples: list[EncodedExample], batch_size: int) -> tuple[Any, dict[str, Any]]:
         return model, {}
 

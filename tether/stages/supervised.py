@@ -1,4 +1,4 @@
-"""The loop of the offline stages (`tether sft`, `tether rm`): fixed examples, no sampling.
+"""The loop of the offline stages (`tether sft`, `tether rm`, `tether dpo`): fixed examples, no sampling.
 
     RMTrainer(load_config(RMConfig, "configs/demo-rm.yaml"), "runs/rm").train()
 
@@ -42,7 +42,7 @@ from tether.checkpoint import (
     save_trainer_state,
     step_dir_name,
 )
-from tether.config import RMConfig, SFTConfig, save_config
+from tether.config import DPOConfig, RMConfig, SFTConfig, save_config
 from tether.data import DataError, PromptSampler, encode_prompt, encode_response, uses_chat_template
 from tether.errors import NumericalError, TrainingInterrupted
 from tether.models import eos_token_ids, load_tokenizer
@@ -53,11 +53,13 @@ from tether.stages.common import ModelKind, load_trainable, make_optimizer, save
 
 log = logging.getLogger(__name__)
 
+OfflineConfig = RMConfig | SFTConfig | DPOConfig
+
 
 class Task(Protocol):
     """What a stage adds to the shared loop."""
 
-    name: str  # the stage: 'sft' or 'rm'
+    name: str  # the stage: 'sft', 'rm' or 'dpo'
     kind: ModelKind  # the model it trains
 
     def load(self, path: str | None, split: str) -> list[Any]:
@@ -75,6 +77,10 @@ class Task(Protocol):
     def evaluate(self, model: Any, examples: list[Any], batch_size: int) -> dict[str, float]:
         """Held-out metrics, keyed eval/<name>."""
 
+    def prepare(self, model: Any, splits: dict[str, list[Any]], run_dir: Path, resumed: bool) -> None:
+        """Once the model and the run directory are ready, before the first step (dpo: the
+        reference log-probs, computed with the starting weights or read back on resume)."""
+
     def finish(self, model: Any, eval_examples: list[Any], batch_size: int) -> tuple[Any, dict[str, Any]]:
         """The model to save as final (for rm: merged, with its normalisation) and what to report."""
 
@@ -82,7 +88,9 @@ class Task(Protocol):
 class Encoder:
     """Turns prompts and responses into the token ids the model sees, with the data settings."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: RMConfig | SFTConfig, eos_id: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: RMConfig | SFTConfig | DPOConfig, eos_id: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.data = config.data
         self.chat = uses_chat_template(tokenizer, config.data.apply_chat_template)
@@ -120,7 +128,7 @@ class SupervisedTrainer:
 
     def __init__(
         self,
-        config: RMConfig | SFTConfig,
+        config: OfflineConfig,
         make_task: Callable[[PreTrainedTokenizerBase], Task],
         run_dir: str | Path,
         resume: bool = False,
@@ -176,6 +184,12 @@ class SupervisedTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, self.run_dir / "config.yaml")
         self.runlog = RunLog(self.run_dir, resume_step=self.step if resume_from is not None else None)
+        task.prepare(
+            self.model,
+            {"train": self.train_examples, "eval": self.eval_examples},
+            self.run_dir,
+            resumed=resume_from is not None,
+        )
 
     def _encoded(self, path: str | None, split: str) -> list[Any]:
         examples = self.task.load(path, split)
@@ -331,6 +345,10 @@ class SupervisedTrainer:
 
 
 def _status(stage: str, metrics: dict[str, float]) -> str:
-    shown = {"rm": ("loss/rm", "rm/accuracy"), "sft": ("loss/sft",)}.get(stage, ())
+    shown = {
+        "rm": ("loss/rm", "rm/accuracy"),
+        "sft": ("loss/sft",),
+        "dpo": ("loss/dpo", "rewards/accuracies", "rewards/margins"),
+    }.get(stage, ())
     parts = [f"{key.split('/')[-1]} {metrics[key]:.3f}" for key in shown if key in metrics]
     return "  ".join(parts + [f"{metrics['time/step_s']:.1f}s/step"])
