@@ -11,10 +11,13 @@ import random
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from tether.errors import TrainingInterrupted
 
 RANK_SEED_STRIDE = 100003  # seed + rank * stride: a different stream per process (RLHF-DETAILS 14)
 
@@ -100,3 +103,13 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+    def interruption(self, stage: str, step: int, checkpoint: Path, run_dir: Path) -> TrainingInterrupted:
+        """The error a loop raises after writing `checkpoint` for the signal it received."""
+        assert self.signal_number is not None
+        name = signal.Signals(self.signal_number).name
+        return TrainingInterrupted(
+            f"stopped by {name} after step {step}; checkpoint written to {checkpoint}. "
+            f"Continue with: tether {stage} --resume --output {run_dir}",
+            self.signal_number,
+        )

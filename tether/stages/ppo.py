@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import resource
-import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -58,7 +57,7 @@ from tether.core import (
 )
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
-from tether.errors import NumericalError, TrainingInterrupted
+from tether.errors import NumericalError
 from tether.evaluation.metrics import distinct_n, top_opening_share
 from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, evaluator_for
 from tether.models import (
@@ -200,13 +199,7 @@ class PPOTrainer:
                     if self.nonfinite_streak >= cfg.max_nonfinite_in_a_row:
                         raise NumericalError(self._nonfinite_diagnosis(saved or self.save_checkpoint()))
                     if stop.signal_number is not None:
-                        saved = saved or self.save_checkpoint()
-                        name = signal.Signals(stop.signal_number).name
-                        raise TrainingInterrupted(
-                            f"stopped by {name} after step {self.step}; checkpoint written to {saved}. "
-                            f"Continue with: tether ppo --resume --output {self.run_dir}",
-                            stop.signal_number,
-                        )
+                        raise stop.interruption("ppo", self.step, saved or self.save_checkpoint(), self.run_dir)
             final = self.save_checkpoint(final=True)
             self.write_report(final)
         finally:

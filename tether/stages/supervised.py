@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from tether.checkpoint import (
 )
 from tether.config import DPOConfig, RMConfig, SFTConfig, save_config
 from tether.data import DataError, PromptSampler, encode_prompt, encode_response, uses_chat_template
-from tether.errors import NumericalError, TrainingInterrupted
+from tether.errors import NumericalError
 from tether.models import eos_token_ids, load_tokenizer
 from tether.rollout import left_pad
 from tether.runlog import RunLog
@@ -235,13 +234,8 @@ class SupervisedTrainer:
                             f"tether {self.task.name} --resume --output {self.run_dir}"
                         )
                     if stop.signal_number is not None:
-                        saved = saved or self.save_checkpoint()
-                        name = signal.Signals(stop.signal_number).name
-                        raise TrainingInterrupted(
-                            f"stopped by {name} after step {self.step}; checkpoint written to {saved}. "
-                            f"Continue with: tether {self.task.name} --resume --output {self.run_dir}",
-                            stop.signal_number,
-                        )
+                        checkpoint = saved or self.save_checkpoint()
+                        raise stop.interruption(self.task.name, self.step, checkpoint, self.run_dir)
             final = self.finish()
         finally:
             self.runlog.close()
