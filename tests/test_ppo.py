@@ -275,7 +275,7 @@ def test_reward_model_with_another_vocabulary_reads_the_same_text(tiny_llama, ta
         task / "run-b",
     )
     assert same.rewards.model_tokenizer is None and other.rewards.model_tokenizer is not None
-    rollout, _ = generate(same.policy, same.prompt_ids[:4], 1, 6, 1.0, same.pad_id, same.eos_ids)
+    rollout, _ = generate(same.policy, same.prompt_ids[:4], 1, 6, 1.0, same.roles.pad_id, same.roles.eos_ids)
     scored = [
         trainer.rewards.score(rollout.input_ids, rollout.attention_mask, ["p"] * 4, ["r"] * 4, [True] * 4)[1]["model"]
         for trainer in (same, other)

@@ -209,6 +209,7 @@ def test_non_finite_gradients_in_a_row_stop_the_run_with_a_checkpoint(task: Path
 
 WRAPPER = """
 import os, sys, time
+import tether.stages.online as online
 import tether.stages.ppo as ppo
 
 if os.environ.get("SLOW_ITERATIONS"):
@@ -219,13 +220,13 @@ if os.environ.get("SLOW_ITERATIONS"):
     ppo.PPOTrainer.iteration = slow_iteration
 
 if os.environ.get("HANG_AT_CHECKPOINT"):
-    real_save = ppo.save_trainer_state
+    real_save = online.save_trainer_state
     def hanging_save(folder, state):
         real_save(folder, state)
         if state["step"] == int(os.environ["HANG_AT_CHECKPOINT"]):
             open(os.environ["MARKER"], "w").close()
             time.sleep(600)  # killed here, before the folder is renamed into place
-    ppo.save_trainer_state = hanging_save
+    online.save_trainer_state = hanging_save
 
 from tether.cli import main
 sys.exit(main(sys.argv[1:]))

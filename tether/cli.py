@@ -4,6 +4,7 @@
     tether rm  --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether ppo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether dpo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
+    tether grpo --config FILE.yaml [key.sub=value ...] [--output RUN_DIR] [--resume] [--overwrite]
     tether STAGE --print-config [--config FILE.yaml] [key.sub=value ...]
     tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
     tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
@@ -29,7 +30,17 @@ from typing import Any
 import yaml
 
 from tether.checkpoint import atomic_write_text
-from tether.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, config_to_dict, load_config
+from tether.config import (
+    ConfigError,
+    DPOConfig,
+    GRPOConfig,
+    OnlineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    config_to_dict,
+    load_config,
+)
 from tether.errors import TetherError, TrainingInterrupted
 
 STAGES: dict[str, type] = {
@@ -37,10 +48,11 @@ STAGES: dict[str, type] = {
     "rm": RMConfig,
     "ppo": PPOConfig,
     "dpo": DPOConfig,
+    "grpo": GRPOConfig,
     "eval": PPOConfig,
     "compare": PPOConfig,
 }
-TRAINING = ("sft", "rm", "ppo", "dpo")
+TRAINING = ("sft", "rm", "ppo", "dpo", "grpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +105,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.stage == "compare" and len(targets) < 2:
         raise ConfigError("tether compare needs at least two TARGETs to compare")
     config_path = args.config or _config_of_a_run(args, targets)
-    config = load_config(STAGES[args.stage], config_path, overrides)
+    config = load_config(_config_class(args.stage, config_path), config_path, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     if args.stage in TRAINING:
         return _train(args, config)
     return _judge(args, config, targets)
+
+
+def _config_class(stage: str, config_path: Path | None) -> type:
+    """The stage's config class; eval and compare read a grpo run's config (a `grpo` section in
+    place of `ppo`) as a GRPOConfig, so a grpo run can be judged with its own settings."""
+    if stage in ("eval", "compare") and config_path is not None:
+        try:
+            tree = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError):
+            tree = None  # load_config reports the problem with the file
+        if isinstance(tree, dict) and "grpo" in tree and "ppo" not in tree:
+            return GRPOConfig
+    return STAGES[stage]
 
 
 def _config_of_a_run(args: argparse.Namespace, targets: list[str]) -> Path | None:
@@ -125,6 +150,10 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         from tether.stages.ppo import PPOTrainer
 
         trainer = PPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
+    elif args.stage == "grpo":
+        from tether.stages.grpo import GRPOTrainer
+
+        trainer = GRPOTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
     elif args.stage == "dpo":
         from tether.stages.dpo import DPOTrainer
 
@@ -141,7 +170,7 @@ def _train(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def _judge(args: argparse.Namespace, config: PPOConfig, specs: list[str]) -> int:
+def _judge(args: argparse.Namespace, config: OnlineConfig, specs: list[str]) -> int:
     from tether import console as term
     from tether.evaluation.runner import evaluate_targets, resolve_targets
 

@@ -218,76 +218,119 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Range and cross-field checks; raises ConfigError naming the field."""
-        _positive(
-            self,
-            "train.steps",
-            "train.batch_size",
-            "train.lr",
-            "rollout.max_new_tokens",
-            "rollout.temperature",
-            "rollout.samples_per_prompt",
-            "ppo.epochs",
-            "ppo.minibatch_size",
-            "ppo.clip_coef",
-            "ppo.kl_horizon",
-            "data.max_prompt_length",
-            "train.adam_eps",
-            "train.max_nonfinite_in_a_row",
-            "alarms.window",
-            "alarms.kl_factor",
-            "alarms.kl_max",
-            "alarms.entropy_drop",
-        )
-        _non_negative(
-            self,
-            "train.save_every",
-            "train.keep_last",
-            "train.warmup_steps",
-            "ppo.kl_coef",
-            "ppo.vf_coef",
-            "train.weight_decay",
-            "eval.num_prompts",
-            "eval.temperature",
-            "eval.every",
-            "eval.tie_margin",
-        )
-        for key in (
-            "train.value_lr",
-            "train.max_grad_norm",
-            "ppo.value_clip",
-            "ppo.kl_target",
-            "train.micro_batch_size",
-            "train.num_threads",
-            "eval.max_new_tokens",
-        ):
+        _validate_online(self, "ppo")
+        _positive(self, "ppo.kl_horizon")
+        _non_negative(self, "ppo.vf_coef")
+        for key in ("train.value_lr", "ppo.value_clip", "ppo.kl_target"):
             if get_path(self, key) is not None:
                 _positive(self, key)
         for key in ("ppo.gamma", "ppo.lam"):
             if not 0.0 <= get_path(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {get_path(self, key)}")
-        if self.eval.judge not in ("auto", "reward", "gold") and ":" not in self.eval.judge:
+
+
+@dataclass
+class GRPOParams:
+    epochs: int = _doc(1, "Epochs over each rollout batch (TRL calls it num_iterations).")
+    minibatch_size: int = _doc(8, "Sequences per optimizer step; must divide batch_size * samples_per_prompt.")
+    clip_coef: float = _doc(0.2, "Policy ratio clip range epsilon.")
+    kl_coef: float = _doc(0.04, "Weight of the KL to the reference (0: no KL term; objective/kl is logged still).")
+    kl_in: Literal["loss", "reward"] = _doc(
+        "loss",
+        "'loss': k3 KL to the reference added to the loss per token (DeepSeekMath). "
+        "'reward': the response's summed k1 KL subtracted from its score before the group statistics.",
+    )
+    scale_rewards: bool = _doc(
+        True, "Divide by the group's standard deviation after removing its mean (false: mean only, Dr. GRPO)."
+    )
+
+
+@dataclass
+class GRPOConfig:
+    """Everything `tether grpo` reads: ppo's sections, with `grpo` in place of `ppo` (no value model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOParams = field(default_factory=GRPOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+
+    def validate(self) -> None:
+        if self.rollout.samples_per_prompt < 2:
             raise ConfigError(
-                f"eval.judge must be 'auto', 'reward', 'gold' or a function 'file.py:name', got {self.eval.judge!r}"
+                f"rollout.samples_per_prompt={self.rollout.samples_per_prompt}: grpo compares the responses "
+                "to one prompt with each other, so it needs at least 2 (4 to 16 is usual)"
             )
-        if self.alarms.window < 2:
-            raise ConfigError(f"alarms.window must be at least 2 (a trend needs two halves), got {self.alarms.window}")
-        if self.train.keep_last < 1 and self.train.save_every > 0:
-            raise ConfigError("train.keep_last must be at least 1 when train.save_every > 0")
-        rollout_size = self.train.batch_size * self.rollout.samples_per_prompt
-        if rollout_size % self.ppo.minibatch_size:
-            raise ConfigError(
-                f"ppo.minibatch_size={self.ppo.minibatch_size} must divide train.batch_size * "
-                f"rollout.samples_per_prompt = {rollout_size}"
-            )
-        micro = self.train.micro_batch_size
-        if micro is not None and self.ppo.minibatch_size % micro:
-            raise ConfigError(
-                f"train.micro_batch_size={micro} must divide ppo.minibatch_size={self.ppo.minibatch_size}"
-            )
-        if self.reward.model is None and self.reward.function is None:
-            raise ConfigError("no reward source: set reward.model (a reward model folder) or reward.function")
-        if self.model.lora is not None:
-            _positive(self, "model.lora.r", "model.lora.alpha")
+        _validate_online(self, "grpo")
+        for key in ("model.value_model", "train.value_lr"):
+            if get_path(self, key) is not None:
+                raise ConfigError(f"{key} is a ppo setting; grpo has no value model")
+
+
+OnlineConfig = PPOConfig | GRPOConfig
+
+
+def _validate_online(config: OnlineConfig, section: str) -> None:
+    """The checks ppo and grpo share; `section` names the algorithm's own section."""
+    _positive(
+        config,
+        "train.steps",
+        "train.batch_size",
+        "train.lr",
+        "rollout.max_new_tokens",
+        "rollout.temperature",
+        "rollout.samples_per_prompt",
+        f"{section}.epochs",
+        f"{section}.minibatch_size",
+        f"{section}.clip_coef",
+        "data.max_prompt_length",
+        "train.adam_eps",
+        "train.max_nonfinite_in_a_row",
+        "alarms.window",
+        "alarms.kl_factor",
+        "alarms.kl_max",
+        "alarms.entropy_drop",
+    )
+    _non_negative(
+        config,
+        "train.save_every",
+        "train.keep_last",
+        "train.warmup_steps",
+        f"{section}.kl_coef",
+        "train.weight_decay",
+        "eval.num_prompts",
+        "eval.temperature",
+        "eval.every",
+        "eval.tie_margin",
+    )
+    for key in ("train.max_grad_norm", "train.micro_batch_size", "train.num_threads", "eval.max_new_tokens"):
+        if get_path(config, key) is not None:
+            _positive(config, key)
+    if config.eval.judge not in ("auto", "reward", "gold") and ":" not in config.eval.judge:
+        raise ConfigError(
+            f"eval.judge must be 'auto', 'reward', 'gold' or a function 'file.py:name', got {config.eval.judge!r}"
+        )
+    if config.alarms.window < 2:
+        raise ConfigError(f"alarms.window must be at least 2 (a trend needs two halves), got {config.alarms.window}")
+    if config.train.keep_last < 1 and config.train.save_every > 0:
+        raise ConfigError("train.keep_last must be at least 1 when train.save_every > 0")
+    rollout_size = config.train.batch_size * config.rollout.samples_per_prompt
+    minibatch = get_path(config, f"{section}.minibatch_size")
+    if rollout_size % minibatch:
+        raise ConfigError(
+            f"{section}.minibatch_size={minibatch} must divide train.batch_size * "
+            f"rollout.samples_per_prompt = {rollout_size}"
+        )
+    micro = config.train.micro_batch_size
+    if micro is not None and minibatch % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} must divide {section}.minibatch_size={minibatch}")
+    if config.reward.model is None and config.reward.function is None:
+        raise ConfigError("no reward source: set reward.model (a reward model folder) or reward.function")
+    if config.model.lora is not None:
+        _positive(config, "model.lora.r", "model.lora.alpha")
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,10 +102,12 @@ def alarm_panel(step: int, alarm: Any) -> Panel:
     )
 
 
-def report_markdown(run_dir: Any, summary: dict[str, dict[str, float]], results: dict[str, dict[str, Any]]) -> str:
+def report_markdown(
+    stage: str, run_dir: Any, summary: dict[str, dict[str, float]], results: dict[str, dict[str, Any]]
+) -> str:
     """report.md: first-vs-last training metrics, the eval table, and every eval prompt before/after."""
     lines = [
-        f"# tether ppo report: {run_dir}",
+        f"# tether {stage} report: {run_dir}",
         "",
         "## Training (mean of the first and last fifth of the steps)",
         "",

@@ -10,6 +10,7 @@ They are transparent on purpose: a learned reward can be checked against them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -219,3 +220,67 @@ def _judge_one(prompt: str, response: str) -> float:
     if len(trigrams) >= 6 and len(set(trigrams)) < 0.5 * len(trigrams):
         score -= 0.5
     return max(-1.0, min(1.0, score))
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped arithmetic task: a verifiable reward
+# --------------------------------------------------------------------------------------------
+# Prompts are made by scripts/make_arithmetic.py (tether/assets/arithmetic_*.jsonl) from one
+# template. The checker reads the question back out of the prompt text (reward functions see
+# only the text), so a prompt in any other form is an error, never a silent 0.
+
+ARITHMETIC_PROMPT = re.compile(r"What is (0|[1-9][0-9]*) ([-+*]) (0|[1-9][0-9]*)\? Reply with the number only\.")
+# A number in a response: digits, where digits joined by one '.' or ',' stay one number (12.5,
+# 1,000), with a minus sign when '-' stands right before the digits and not right after a letter
+# or digit ("-7" is negative; "9-7" is 9 and 7).
+RESPONSE_NUMBER = re.compile(r"(?:(?<![A-Za-z0-9])-)?[0-9]+(?:[.,][0-9]+)*")
+PLAIN_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def arithmetic_question(prompt: str) -> tuple[int, str, int, int]:
+    """(a, op, b, answer) of a prompt 'What is A OP B? Reply with the number only.' (OP: + - *).
+
+    Raises ValueError, naming the prompt, for any other text, and for a question whose answer
+    equals one of its operands (e.g. 6 - 3): there, restating the question could not be told
+    from answering it (see `arithmetic`).
+    """
+    match = ARITHMETIC_PROMPT.fullmatch(prompt)
+    if match is None:
+        raise ValueError(
+            f"not an arithmetic prompt {prompt!r}; expected exactly "
+            "'What is A OP B? Reply with the number only.' with OP one of + - *"
+        )
+    a, op, b = int(match[1]), match[2], int(match[3])
+    answer = a + b if op == "+" else a - b if op == "-" else a * b
+    if answer in (a, b):
+        raise ValueError(f"arithmetic prompt {prompt!r}: the answer {answer} equals an operand")
+    return a, op, b, answer
+
+
+def arithmetic(prompts: list[str], responses: list[str], **_: Any) -> list[float]:
+    """Exact 0/1 reward for the shipped arithmetic task: 1.0 iff the response states the right integer.
+
+    The response's numbers are read with `RESPONSE_NUMBER`: runs of digits (digits joined by one
+    '.' or ',' are one number, so "12.5", "1,000" and "85.0" are each one number that is not a
+    plain integer), negative when an ASCII '-' stands right before the digits and not right after
+    a letter or digit. Numbers equal to one of the question's two operands are left out, so
+    restating the question is fine. The score is 1.0 when at least one number is left and every
+    number left is the right answer written as a plain integer; otherwise 0.0. So for
+    "What is 27 + 58?":
+      1.0: "85", "The answer is 85.", "27 + 58 = 85", "85. Yes, 85."
+      0.0: "86", "84 or 85", "85.0", "eighty-five", "27 + 58", "" (and any response with no number)
+    Listing several candidates never earns credit. Each prompt must parse (`arithmetic_question`);
+    one that does not is a ValueError naming it.
+    """
+    scores = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        a, _op, b, answer = arithmetic_question(prompt)
+        operands = {a, b}
+        left = [
+            number
+            for number in RESPONSE_NUMBER.findall(response)
+            if not (PLAIN_INTEGER.fullmatch(number) and int(number) in operands)
+        ]
+        right = bool(left) and all(PLAIN_INTEGER.fullmatch(n) and int(n) == answer for n in left)
+        scores.append(1.0 if right else 0.0)
+    return scores

@@ -3,7 +3,7 @@
 Every function takes tensors and plain numbers and returns tensors (losses as (loss, stats)).
 """
 
-from tether.core.advantages import compute_gae, last_true_index, per_token_rewards
+from tether.core.advantages import compute_gae, group_advantages, last_true_index, per_token_rewards
 from tether.core.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -12,7 +12,7 @@ from tether.core.kl import (
     make_kl_controller,
 )
 from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits
-from tether.core.losses import clipped_value_loss, ppo_policy_loss
+from tether.core.losses import clipped_value_loss, kl_loss, ppo_policy_loss
 from tether.core.masked import (
     explained_variance,
     masked_mean,
@@ -30,6 +30,8 @@ __all__ = [
     "compute_gae",
     "dpo_loss",
     "explained_variance",
+    "group_advantages",
+    "kl_loss",
     "kl_per_token",
     "last_true_index",
     "logprobs_and_entropy",

@@ -1,4 +1,5 @@
-"""Per-token rewards and generalised advantage estimation over ragged, masked response batches.
+"""Per-token rewards and generalised advantage estimation over ragged, masked response batches,
+and GRPO's group-relative advantages.
 
 Shapes: B sequences, T response positions. `mask` (B, T) is True on real response tokens (the
 response up to and including its EOS) and False on padding. Values at masked positions are
@@ -58,3 +59,30 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     advantages = advantages * mask_f
     returns = (advantages + values) * mask_f
     return advantages, returns
+
+
+def group_advantages(scores: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024, DeepSeekMath, section 4.1.2).
+
+    A_i = (r_i - mean(r of i's group)) / (std(r of i's group) + eps), the group being the responses
+    sampled for the same prompt; with scale=False only the mean is removed (Liu et al. 2025, "Dr.
+    GRPO", argue the division favours groups that are nearly all right or all wrong). std is the
+    sample standard deviation (n - 1), as in the paper's reference code. A group whose scores are
+    all equal gets 0 for every member: it carries no learning signal.
+
+    scores: (B,) one score per response; group_ids: (B,) any labels, equal within a group (every
+    group needs at least two members). Returns (B,) float32.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    counts = torch.bincount(inverse, minlength=num_groups).float()
+    if bool((counts < 2).any()):
+        raise ValueError("every group needs at least two responses for a group-relative advantage")
+    scores = scores.float()
+    sums = torch.zeros(num_groups, device=scores.device).index_add_(0, inverse, scores)
+    centred = scores - (sums / counts)[inverse]
+    if not scale:
+        return centred
+    squares = torch.zeros(num_groups, device=scores.device).index_add_(0, inverse, centred**2)
+    std = (squares / (counts - 1)).sqrt()
+    return centred / (std[inverse] + eps)

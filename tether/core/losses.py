@@ -1,4 +1,5 @@
-"""PPO's clipped policy loss and clipped value loss, normalised so that micro-batching is exact.
+"""PPO's clipped policy loss and clipped value loss, and GRPO's KL loss term, normalised so that
+micro-batching is exact.
 
 Each loss is a token-level mean over a minibatch. When a minibatch is split into micro-batches
 for gradient accumulation, pass the minibatch's total token count as `token_count` to every
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tether.core.kl import kl_per_token
 from tether.core.masked import masked_sum
 
 
@@ -80,3 +82,20 @@ def clipped_value_loss(
     with torch.no_grad():
         stats = {"val/clipfrac": masked_sum(clip_hits, mask) / n}
     return loss, stats
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    token_count: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token mean of the k3 estimate of KL(policy || reference), differentiable in `logprobs`.
+
+    GRPO puts the KL to the reference in the loss instead of the reward (Shao et al. 2024, eq. 4):
+    k3 = exp(ref - logp) - 1 - (ref - logp) >= 0, zero exactly where policy and reference agree.
+    Its gradient with respect to logp is 1 - exp(ref - logp). All inputs (B, T); scalar loss.
+    """
+    n = _count(mask, token_count)
+    loss = masked_sum(kl_per_token(logprobs, ref_logprobs, "k3"), mask) / n
+    return loss, {"policy/ref_kl": loss.detach()}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.checkpoint import atomic_write_text
-from tether.config import PPOConfig
+from tether.config import OnlineConfig
 from tether.evaluation.runner import START, Target, evaluate_targets
 from tether.runlog import read_jsonl
 
@@ -80,7 +80,7 @@ def alarms_seen(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return seen
 
 
-def write_report(config: PPOConfig, targets: list[Target], output: Path) -> Path:
+def write_report(config: OnlineConfig, targets: list[Target], output: Path) -> Path:
     """Evaluate every target, plot the runs' curves, write report.html, eval.json and the images."""
     output.mkdir(parents=True, exist_ok=True)
     runs = {t.name: read_jsonl(t.run_dir / "metrics.jsonl") for t in targets if t.run_dir is not None}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.config import ConfigError, EvalConfig, PPOConfig
+from tether.config import ConfigError, EvalConfig, OnlineConfig
 from tether.core import kl_per_token
 from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
 from tether.evaluation.metrics import (
@@ -222,7 +222,7 @@ def resolve_targets(specs: list[str]) -> list[Target]:
     return targets
 
 
-def build_evaluator(config: PPOConfig, device: torch.device | None = None) -> Evaluator:
+def build_evaluator(config: OnlineConfig, device: torch.device | None = None) -> Evaluator:
     """An evaluator for a config: its tokenizer, starting model as reference, rewards and eval prompts."""
     device = device or pick_device(config.train.device)
     tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
@@ -235,7 +235,7 @@ def build_evaluator(config: PPOConfig, device: torch.device | None = None) -> Ev
 
 
 def evaluator_for(
-    config: PPOConfig,
+    config: OnlineConfig,
     tokenizer: Any,
     reference: Reference,
     rewards: RewardSources,
@@ -258,7 +258,7 @@ def evaluator_for(
     )
 
 
-def evaluate_targets(config: PPOConfig, targets: list[Target]) -> dict[str, Any]:
+def evaluate_targets(config: OnlineConfig, targets: list[Target]) -> dict[str, Any]:
     """The starting model and every target on the same eval set; JSON-ready, win rates included."""
     evaluator = build_evaluator(config)
     results: dict[str, dict[str, Any]] = {}

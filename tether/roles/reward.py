@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tether.config import PPOConfig, RewardConfig
+from tether.config import OnlineConfig, RewardConfig
 from tether.core.advantages import last_true_index
 from tether.errors import TetherError
 from tether.models import load_scalar_model, load_tokenizer, scalar_head
@@ -228,7 +228,7 @@ class RewardSources:
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-def reward_sources(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> RewardSources:
+def reward_sources(config: OnlineConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> RewardSources:
     """The reward sources a config asks for, with its EOS penalty, batch size and dtype."""
     return RewardSources(
         config.reward,
