@@ -44,6 +44,13 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return process_seed
 
 
+def prepare_process(num_threads: int | None, seed: int, device: str) -> torch.device:
+    """What every training stage does first: thread count, seeds, and the device it runs on."""
+    set_threads(num_threads)
+    seed_everything(seed)
+    return pick_device(device)
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),

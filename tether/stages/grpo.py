@@ -30,9 +30,9 @@ from torch import Tensor
 from tether.checkpoint import check_run_dir
 from tether.config import GRPOConfig
 from tether.core import group_advantages, kl_loss, kl_per_token, ppo_policy_loss
-from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
+from tether.data import PromptSampler
 from tether.roles.policy import response_logprobs
-from tether.runtime import autocast, pick_device, seed_everything, set_threads
+from tether.runtime import autocast, prepare_process
 from tether.stages.common import make_optimizer
 from tether.stages.online import (
     ScoredBatch,
@@ -48,10 +48,9 @@ from tether.stages.online import (
     restore_trainer_state,
     run_loop,
     sample_and_score,
+    training_prompts,
     write_checkpoint,
 )
-
-SHIPPED_PROMPTS = "prompts.jsonl"
 
 
 class GRPOTrainer:
@@ -65,14 +64,11 @@ class GRPOTrainer:
         resume_from = check_run_dir(self.run_dir, resume, overwrite)
         cfg = config
 
-        set_threads(cfg.train.num_threads)
-        seed_everything(cfg.train.seed)
-        self.device = pick_device(cfg.train.device)
+        self.device = prepare_process(cfg.train.num_threads, cfg.train.seed, cfg.train.device)
 
         self.roles = load_policy_roles(cfg, resume_from, self.device)
         self.tokenizer, self.policy = self.roles.tokenizer, self.roles.policy
-        self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
+        self.prompts, self.prompt_ids = training_prompts(cfg, self.tokenizer)
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
         self.watcher = Watcher.for_run(cfg, self.run_dir, self.roles, self.device, kl_target=None)
 

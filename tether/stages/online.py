@@ -2,6 +2,7 @@
 class. The stages keep their own advantages, losses and updates (stages/ppo.py, stages/grpo.py).
 
   load_policy_roles   the policy, its reference, the reward sources and the tokenizer
+  training_prompts    the prompt file, encoded once
   sample_and_score    steps 1-4 of an iteration: prompts, sampling, old/reference log-probs, scores
   batch_metrics       the per-iteration metrics both stages log under the same names
   UpdateGuard         an optimizer step that never applies a non-finite gradient
@@ -40,7 +41,7 @@ from tether.checkpoint import (
 )
 from tether.config import OnlineConfig, save_config
 from tether.core import masked_mean
-from tether.data import Prompt
+from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
 from tether.errors import NumericalError
 from tether.evaluation.metrics import distinct_n, top_opening_share
 from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, evaluator_for
@@ -55,6 +56,8 @@ from tether.runtime import StopRequest, autocast, rng_state, set_rng_state
 from tether.stages.common import load_trainable, save_model
 
 log = logging.getLogger(__name__)
+
+SHIPPED_PROMPTS = "prompts.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +94,12 @@ def load_policy_roles(config: OnlineConfig, resume_from: Path | None, device: to
     return PolicyRoles(
         tokenizer, policy, reference, reward_sources(config, tokenizer, device), eos_token_ids(tokenizer, policy)
     )
+
+
+def training_prompts(config: OnlineConfig, tokenizer: Any) -> tuple[list[Prompt], list[list[int]]]:
+    """data.prompts (else the shipped preference-task prompts), and their token ids, encoded once."""
+    prompts = load_prompts(config.data.prompts or shipped_data(SHIPPED_PROMPTS))
+    return prompts, encode_prompts(tokenizer, prompts, config.data)
 
 
 @dataclass(frozen=True)

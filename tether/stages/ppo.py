@@ -38,12 +38,12 @@ from tether.core import (
     per_token_rewards,
 )
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
-from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
+from tether.data import PromptSampler
 from tether.roles.batching import in_chunks
 from tether.roles.policy import response_logprobs
 from tether.roles.value import response_values
 from tether.rollout import Rollout
-from tether.runtime import autocast, pick_device, seed_everything, set_threads
+from tether.runtime import autocast, prepare_process
 from tether.stages.common import load_trainable, make_optimizer
 from tether.stages.online import (
     Timer,
@@ -58,10 +58,9 @@ from tether.stages.online import (
     restore_trainer_state,
     run_loop,
     sample_and_score,
+    training_prompts,
     write_checkpoint,
 )
-
-SHIPPED_PROMPTS = "prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,7 @@ class PPOTrainer:
         resume_from = check_run_dir(self.run_dir, resume, overwrite)
         cfg = config
 
-        set_threads(cfg.train.num_threads)
-        seed_everything(cfg.train.seed)
-        self.device = pick_device(cfg.train.device)
+        self.device = prepare_process(cfg.train.num_threads, cfg.train.seed, cfg.train.device)
 
         # Roles. Weights come from the newest checkpoint when resuming, else from the config.
         self.roles = load_policy_roles(cfg, resume_from, self.device)
@@ -97,8 +94,7 @@ class PPOTrainer:
         self.value_model = self._load_value_model(resume_from)
 
         # Prompts, tokenized once.
-        self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
+        self.prompts, self.prompt_ids = training_prompts(cfg, self.tokenizer)
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
         self.watcher = Watcher.for_run(cfg, self.run_dir, self.roles, self.device, cfg.ppo.kl_target)
 

@@ -47,7 +47,7 @@ from tether.errors import NumericalError
 from tether.models import eos_token_ids, load_tokenizer
 from tether.rollout import left_pad
 from tether.runlog import RunLog
-from tether.runtime import StopRequest, pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from tether.runtime import StopRequest, prepare_process, rng_state, set_rng_state
 from tether.stages.common import ModelKind, load_trainable, make_optimizer, save_model
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ class SupervisedTrainer:
         resume_from = check_run_dir(self.run_dir, resume, overwrite)  # changes nothing yet
         cfg = config.train
 
-        set_threads(cfg.num_threads)
-        seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        self.device = prepare_process(cfg.num_threads, cfg.seed, cfg.device)
         self.tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
         self.task = task = make_task(self.tokenizer)
         self.encoder = Encoder(self.tokenizer, config, eos_token_ids(self.tokenizer)[0])
