@@ -151,6 +151,20 @@ def test_value_loss_matches_a_brute_force_per_token_loop():
     torch.testing.assert_close(stats["val/clipfrac"].item(), hits / count, **TIGHT)
 
 
+def test_value_changes_inside_the_clip_range_never_count_as_clipped():
+    """Inside the range old + (v - old) equals v only up to rounding, so the clipped square can
+    exceed the unclipped one by an ulp (this triple does in float32); that is not a clipped token."""
+    values, old_values, returns = (
+        torch.tensor([[0.036155786365270615]]),
+        torch.tensor([[0.11885771155357361]]),
+        torch.tensor([[-0.4732849597930908]]),
+    )
+    v_clipped = old_values + torch.clamp(values - old_values, -0.2, 0.2)
+    assert ((v_clipped - returns) ** 2 > (values - returns) ** 2).all()  # the rounding this guards against
+    _, stats = clipped_value_loss(values, old_values, returns, torch.ones(1, 1, dtype=torch.bool), value_clip=0.2)
+    assert stats["val/clipfrac"].item() == 0.0
+
+
 def test_value_loss_without_clip_is_half_the_masked_mse():
     gen = torch.Generator().manual_seed(5)
     values, returns = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)

@@ -166,7 +166,12 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         from tether.stages.sft import SFTTrainer
 
         trainer = SFTTrainer(config, output, resume=args.resume, overwrite=args.overwrite)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        from tether.runtime import leave_process_group
+
+        leave_process_group()  # under torchrun; a no-op otherwise
     return 0
 
 

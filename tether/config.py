@@ -73,6 +73,11 @@ class ModelConfig:
         None, "Value model to start from. null: reward.model when that is set, else model.name."
     )
     trust_remote_code: bool = _doc(False, "Passed to transformers when loading models and tokenizers.")
+    fsdp: bool = _doc(
+        False,
+        "Shard the trained models with FSDP2 over the GPUs of a torchrun job. Not in this version: refused "
+        "with the reason (README 'Scaling out'); plain data parallelism needs no setting.",
+    )
 
 
 @dataclass
@@ -120,12 +125,21 @@ class RolloutConfig:
     missing_eos_penalty: float | None = _doc(
         -1.0, "Added to the score of a response that hits max_new_tokens without EOS. null: no penalty."
     )
+    engine: Literal["hf", "vllm"] = _doc(
+        "hf",
+        "What samples: 'hf' is transformers generate with the KV cache. 'vllm' is not in this version: "
+        "refused with the reason (README 'Scaling out').",
+    )
 
 
 @dataclass
 class TrainConfig:
     steps: int = _doc(100, "Iterations (PPO: rollout + update) to run.")
-    batch_size: int = _doc(8, "Prompts per iteration (PPO: each sampled samples_per_prompt times).")
+    batch_size: int = _doc(
+        8,
+        "Prompts per iteration (PPO: each sampled samples_per_prompt times), over all processes of a torchrun "
+        "job (a multiple of their number).",
+    )
     lr: float = _doc(3.0e-6, "Policy learning rate (AdamW).")
     value_lr: float | None = _doc(None, "Value model learning rate. null: train.lr.")
     lr_schedule: Literal["constant", "linear", "cosine"] = _doc(
@@ -361,7 +375,9 @@ class SupervisedData:
 class SupervisedTrain:
     epochs: float = _doc(1.0, "Passes over the training data (ignored when train.steps is set).")
     steps: int | None = _doc(None, "Optimizer steps. null: train.epochs passes over the training data.")
-    batch_size: int = _doc(8, "Examples (rm: preference pairs) per optimizer step.")
+    batch_size: int = _doc(
+        8, "Examples (rm: preference pairs) per optimizer step, over all processes of a torchrun job."
+    )
     lr: float = _doc(1.0e-5, "Learning rate (AdamW); LoRA usually wants about 10x more.")
     lr_schedule: Literal["constant", "linear", "cosine"] = _doc("linear", "Learning-rate schedule (after warmup).")
     warmup_steps: int = _doc(0, "Optimizer steps of linear warmup.")

@@ -46,6 +46,34 @@ class Rollout:
         return self.prompt_ids.shape[0]
 
 
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts sampled by several processes as one batch, rows in the order given: prompts
+    left-padded and responses right-padded to the widest, prompt indices offset so each part keeps
+    its own prompts apart (part k's come after part k-1's)."""
+    width_p = max(r.prompt_ids.shape[1] for r in rollouts)
+    width_r = max(r.response_ids.shape[1] for r in rollouts)
+    offsets = [0]
+    for r in rollouts[:-1]:
+        offsets.append(offsets[-1] + (int(r.prompt_index.max()) + 1 if len(r) else 0))
+    return Rollout(
+        prompt_ids=torch.cat([pad_columns(r.prompt_ids, width_p, pad_id, left=True) for r in rollouts]),
+        prompt_mask=torch.cat([pad_columns(r.prompt_mask, width_p, False, left=True) for r in rollouts]),
+        response_ids=torch.cat([pad_columns(r.response_ids, width_r, pad_id) for r in rollouts]),
+        response_mask=torch.cat([pad_columns(r.response_mask, width_r, False) for r in rollouts]),
+        finished=torch.cat([r.finished for r in rollouts]),
+        prompt_index=torch.cat([r.prompt_index + offset for r, offset in zip(rollouts, offsets, strict=True)]),
+    )
+
+
+def pad_columns(x: Tensor, width: int, value: float | bool, left: bool = False) -> Tensor:
+    """(B, W) -> (B, width) with `value` in the new columns, on the right (or the left)."""
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    padding = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+    return torch.cat([padding, x] if left else [x, padding], dim=1)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token lists -> (ids (B, P), mask (B, P) bool), padded on the left to the longest."""
     width = max(len(s) for s in sequences)

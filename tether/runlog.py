@@ -2,7 +2,8 @@
 
 Both JSON Lines files hold one object a line and are appended to as the run goes. On resume,
 rows after the checkpoint's step are dropped (they are about to be recomputed), and TensorBoard is
-told to purge its events past that step, so no curve shows a step twice.
+told to purge its events past that step, so no curve shows a step twice. Under torchrun only the
+main process writes; in the others a RunLog records nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from tether.checkpoint import atomic_write_text
+from tether.runtime import is_main
 
 
 def _json_safe(value: Any) -> Any:
@@ -39,6 +41,10 @@ class RunLog:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
+        self.writes = is_main()
+        self.tb: SummaryWriter | None = None
+        if not self.writes:
+            return
         if resume_step is not None:
             _drop_rows_after(self.metrics_path, resume_step)
             _drop_rows_after(self.samples_path, resume_step)
@@ -46,6 +52,8 @@ class RunLog:
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is None:
+            return
         row = {"step": step, **{k: _json_safe(float(v)) for k, v in values.items()}}
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -53,10 +61,13 @@ class RunLog:
             self.tb.add_scalar(key, float(value), step)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if not self.writes:
+            return
         with self.samples_path.open("a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self.tb.flush()
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()

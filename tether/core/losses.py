@@ -77,7 +77,9 @@ def clipped_value_loss(
         v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
         clipped = (v_clipped - returns) ** 2
         per_token = torch.max(unclipped, clipped)
-        clip_hits = (clipped > unclipped).float()
+        # Only a token whose change was actually clipped counts: inside the range v_clipped equals v
+        # up to rounding (old + (v - old)), which would otherwise count ~0.1% of tokens at random.
+        clip_hits = ((clipped > unclipped) & ((values - old_values).abs() > value_clip)).float()
     loss = 0.5 * masked_sum(per_token, mask) / n
     with torch.no_grad():
         stats = {"val/clipfrac": masked_sum(clip_hits, mask) / n}

@@ -27,6 +27,7 @@ from tether.core.masked import masked_sum
 from tether.core.supervised import dpo_loss
 from tether.data import PreferencePair, load_preferences, shipped_data
 from tether.roles.policy import response_logprobs
+from tether.runtime import is_main
 from tether.stages.common import ModelKind
 from tether.stages.supervised import Encoder, SupervisedTrainer, pack
 
@@ -107,9 +108,10 @@ class DPOTask:
                         for i in range(0, len(examples), 8)
                     ]
                     saved[split] = torch.cat(parts)  # (N, 2)
-            partial = path.with_name(f".{path.name}.tmp")  # written whole, then renamed
-            torch.save(saved, partial)
-            partial.replace(path)
+            if is_main():  # every process computed the same numbers; one writes them
+                partial = path.with_name(f".{path.name}.tmp")  # written whole, then renamed
+                torch.save(saved, partial)
+                partial.replace(path)
         for split, examples in splits.items():
             if len(saved[split]) != len(examples):
                 raise RuntimeError(f"{path} holds {len(saved[split])} {split} pairs, the data {len(examples)}")

@@ -32,7 +32,16 @@ from tether.config import GRPOConfig
 from tether.core import group_advantages, kl_loss, kl_per_token, ppo_policy_loss
 from tether.data import PromptSampler
 from tether.roles.policy import response_logprobs
-from tether.runtime import autocast, prepare_process
+from tether.runtime import (
+    autocast,
+    prepare_process,
+    refuse_unbuilt_engines,
+    require_divisible,
+    shard,
+    shared_generator,
+    sum_across_ranks,
+    sum_gradients,
+)
 from tether.stages.common import make_optimizer
 from tether.stages.online import (
     ScoredBatch,
@@ -43,6 +52,7 @@ from tether.stages.online import (
     batch_samples,
     clip_gradients,
     describe_update,
+    gather_batch,
     load_policy_roles,
     open_run,
     restore_trainer_state,
@@ -65,6 +75,8 @@ class GRPOTrainer:
         cfg = config
 
         self.device = prepare_process(cfg.train.num_threads, cfg.train.seed, cfg.train.device)
+        refuse_unbuilt_engines(cfg.model.fsdp, cfg.rollout.engine, self.device)
+        require_divisible(cfg.train.batch_size, "train.batch_size")  # a group never spans processes
 
         self.roles = load_policy_roles(cfg, resume_from, self.device)
         self.tokenizer, self.policy = self.roles.tokenizer, self.roles.policy
@@ -85,7 +97,7 @@ class GRPOTrainer:
         self.guard = UpdateGuard()
         self.step = 0
         if resume_from is not None:
-            self.step = int(restore_trainer_state(resume_from, self._stateful_parts())["step"])
+            self.step = int(restore_trainer_state(resume_from, self._stateful_parts(), cfg.train.seed)["step"])
         self.runlog, self.history = open_run(self.run_dir, cfg, self.step if resume_from is not None else None)
 
     def train(self) -> Path:
@@ -98,9 +110,11 @@ class GRPOTrainer:
         grpo = cfg.grpo
         timer = Timer()
 
-        # 1. A batch of prompts. 2.-4. Sample the groups, old and reference log-probs, scores.
-        batch = self.sampler.next_batch()
+        # 1. A batch of prompts (this process's share). 2.-4. Sample the groups, old and reference
+        # log-probs, scores; then the whole batch in every process.
+        batch = shard(self.sampler.next_batch())
         scored = sample_and_score(self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer)
+        scored, _ = gather_batch(scored, self.roles.pad_id)
         mask = scored.mask  # (B, R)
 
         # 5. The KL to the reference: logged always, in the score only when kl_in=reward.
@@ -144,15 +158,17 @@ class GRPOTrainer:
         micro = cfg.train.micro_batch_size or grpo.minibatch_size
         totals: dict[str, float] = defaultdict(float)
         num_minibatches = 0
-        for _epoch in range(grpo.epochs):
-            order = torch.randperm(n)  # a fresh shuffle per epoch
+        for epoch in range(grpo.epochs):
+            # A fresh shuffle per epoch, the same in every process; each takes its share of a minibatch.
+            order = torch.randperm(n, generator=shared_generator(cfg.train.seed, self.step, epoch))
             for mb_start in range(0, n, grpo.minibatch_size):
                 minibatch = order[mb_start : mb_start + grpo.minibatch_size].to(self.device)
                 token_count = mask[minibatch].sum()
+                mine = shard(minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats: dict[str, float] = defaultdict(float)
-                for micro_start in range(0, len(minibatch), micro):
-                    idx = minibatch[micro_start : micro_start + micro]
+                for micro_start in range(0, len(mine), micro):
+                    idx = mine[micro_start : micro_start + micro]
                     with autocast(self.device, cfg.model.dtype):
                         (new_logprobs,) = response_logprobs(
                             self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
@@ -169,6 +185,8 @@ class GRPOTrainer:
                     loss.backward()
                     for key, value in loss_stats.items():
                         stats[key] += float(value)
+                sum_gradients(self.policy_params)
+                stats = sum_across_ranks(stats)
                 stats["policy/grad_norm"] = clip_gradients(self.policy_params, cfg.train.max_grad_norm)
                 self.guard.step(self.optimizer, stats, self.step)
                 self.scheduler.step()  # the schedule counts step slots, skipped ones included

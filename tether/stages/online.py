@@ -4,6 +4,7 @@ class. The stages keep their own advantages, losses and updates (stages/ppo.py, 
   load_policy_roles   the policy, its reference, the reward sources and the tokenizer
   training_prompts    the prompt file, encoded once
   sample_and_score    steps 1-4 of an iteration: prompts, sampling, old/reference log-probs, scores
+  gather_batch        every process's scored rows as the one global batch (torchrun)
   batch_metrics       the per-iteration metrics both stages log under the same names
   UpdateGuard         an optimizer step that never applies a non-finite gradient
   Watcher             the fixed eval set, the alarms and the final report
@@ -50,9 +51,19 @@ from tether.roles.batching import in_chunks
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import RewardSources, reward_sources
-from tether.rollout import Rollout, decode_responses, generate
+from tether.rollout import Rollout, concat_rollouts, decode_responses, generate, pad_columns
 from tether.runlog import RunLog, read_jsonl
-from tether.runtime import StopRequest, autocast, rng_state, set_rng_state
+from tether.runtime import (
+    StopRequest,
+    autocast,
+    barrier,
+    broadcast_trainable,
+    gather_objects,
+    is_main,
+    restore_rng_states,
+    rng_states_of_all_ranks,
+    world,
+)
 from tether.stages.common import load_trainable, save_model
 
 log = logging.getLogger(__name__)
@@ -86,6 +97,7 @@ def load_policy_roles(config: OnlineConfig, resume_from: Path | None, device: to
     cfg = config.model
     tokenizer = load_tokenizer(cfg.name, cfg.trust_remote_code)
     policy = load_trainable("causal", cfg.name, cfg.lora, tokenizer, resume_from, cfg.trust_remote_code).to(device)
+    broadcast_trainable(policy)
     if cfg.lora is not None and cfg.ref_model is None:
         reference = Reference(lora_policy=policy)
     else:
@@ -168,6 +180,45 @@ def sample_and_score(
     with timer("score"):
         scores, parts = roles.rewards.score_rollout(rollout, prompt_texts, responses)
     return ScoredBatch(rollout, prompt_texts, responses, old_logprobs, entropy, ref_logprobs, scores, parts)
+
+
+def gather_batch(scored: ScoredBatch, pad_id: int, *per_token: Tensor) -> tuple[ScoredBatch, list[Tensor]]:
+    """Every process's scored rows, and any other (B, R) tensors of them (the values), as the one
+    global batch in rank order. Each process then computes the same advantages, whitening and KL
+    statistics from it as a single process would; only the forward and backward passes of the
+    update are split. A single process gets its batch back unchanged."""
+    if world().size == 1:
+        return scored, list(per_token)
+    device = scored.scores.device
+    parts = gather_objects((_to_device(scored, torch.device("cpu")), [t.cpu() for t in per_token]))
+    batches = [batch for batch, _ in parts]
+    rollout = concat_rollouts([b.rollout for b in batches], pad_id)
+    width = rollout.response_ids.shape[1]
+
+    def rows(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([pad_columns(t, width, 0.0) for t in tensors])
+
+    merged = ScoredBatch(
+        rollout=rollout,
+        prompt_texts=[text for b in batches for text in b.prompt_texts],
+        responses=[text for b in batches for text in b.responses],
+        old_logprobs=rows([b.old_logprobs for b in batches]),
+        entropy=rows([b.entropy for b in batches]),
+        ref_logprobs=rows([b.ref_logprobs for b in batches]),
+        scores=torch.cat([b.scores for b in batches]),
+        parts={name: torch.cat([b.parts[name] for b in batches]) for name in batches[0].parts},
+    )
+    extras = [rows([extra[i] for _, extra in parts]).to(device) for i in range(len(per_token))]
+    return _to_device(merged, device), extras
+
+
+def _to_device(scored: ScoredBatch, device: torch.device) -> ScoredBatch:
+    rollout = dataclasses.replace(
+        scored.rollout, **{f.name: getattr(scored.rollout, f.name).to(device) for f in dataclasses.fields(Rollout)}
+    )
+    tensors = {name: getattr(scored, name).to(device) for name in ("old_logprobs", "entropy", "ref_logprobs", "scores")}
+    parts = {name: value.to(device) for name, value in scored.parts.items()}
+    return dataclasses.replace(scored, rollout=rollout, parts=parts, **tensors)
 
 
 def batch_metrics(scored: ScoredBatch, sequence_kl: Tensor, timer: Timer, device: torch.device) -> dict[str, float]:
@@ -349,11 +400,14 @@ class Watcher:
 def open_run(run_dir: Path, config: OnlineConfig, resumed_step: int | None) -> tuple[RunLog, list[dict[str, Any]]]:
     """Prepare the run directory once the models and state have loaded (so a mistake found while
     loading leaves an old run untouched). Returns the run log and every metric row so far."""
-    if resumed_step is None:
-        clear_run_dir(run_dir)  # --overwrite, or --resume of a run with no checkpoint yet
-    remove_partial_checkpoints(run_dir / "checkpoints")  # left by a process killed while saving
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    barrier()  # every process has checked the run directory before the main one changes it
+    if is_main():
+        if resumed_step is None:
+            clear_run_dir(run_dir)  # --overwrite, or --resume of a run with no checkpoint yet
+        remove_partial_checkpoints(run_dir / "checkpoints")  # left by a process killed while saving
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    barrier()
     runlog = RunLog(run_dir, resume_step=resumed_step)
     history = read_jsonl(runlog.metrics_path) if resumed_step is not None else []
     return runlog, history
@@ -372,25 +426,31 @@ def write_checkpoint(
 
     models: subfolder ("" for the policy itself) -> (model, the base name a LoRA adapter points at).
     trainer_state is written to step checkpoints only (a final one is for using, not resuming).
+    Every process calls this; the main one writes (the others' weights and state are the same),
+    with every process's random-generator state.
     """
     target = checkpoints / ("final" if final else step_dir_name(step))
-    with atomic_dir(target) as tmp:
-        for subfolder, (model, base_name) in models.items():
-            save_model(model, tmp / subfolder if subfolder else tmp, tokenizer, base_name)
+    rng = None if final else rng_states_of_all_ranks()
+    if is_main():
+        with atomic_dir(target) as tmp:
+            for subfolder, (model, base_name) in models.items():
+                save_model(model, tmp / subfolder if subfolder else tmp, tokenizer, base_name)
+            if not final:
+                save_trainer_state(tmp, {**trainer_state, "step": step, "rng": rng})
         if not final:
-            save_trainer_state(tmp, {**trainer_state, "step": step, "rng": rng_state()})
-    if not final:
-        prune_step_checkpoints(checkpoints, keep_last)
+            prune_step_checkpoints(checkpoints, keep_last)
+    barrier()  # nobody reads or resumes from a checkpoint before it is whole
     return target
 
 
-def restore_trainer_state(folder: Path, parts: dict[str, Any]) -> dict[str, Any]:
+def restore_trainer_state(folder: Path, parts: dict[str, Any], seed: int) -> dict[str, Any]:
     """Load each stateful part (optimizer, scheduler, sampler, guard, ...) from a checkpoint's
-    trainer state, then the random generators; returns the whole state (its "step" included)."""
+    trainer state, then the random generators; returns the whole state (its "step" included).
+    The parts are the same in every process, so a checkpoint written by N processes resumes on M."""
     state = load_trainer_state(folder)
     for key, part in parts.items():
         part.load_state_dict(state[key])
-    set_rng_state(state["rng"])  # last: loading models may draw random numbers
+    restore_rng_states(state["rng"], seed, int(state["step"]))  # last: loading models draws random numbers
     term.console.print(f"resuming from {folder} (step {state['step']})")
     return state
 
@@ -427,7 +487,8 @@ def run_loop(name: str, stage: OnlineStage) -> Path:
             while stage.step < cfg.steps:
                 stage.step += 1
                 metrics, samples = stage.iteration()
-                if watcher.evaluator is not None and cfg_eval.every and stage.step % cfg_eval.every == 0:
+                evaluate_now = cfg_eval.every and stage.step % cfg_eval.every == 0
+                if watcher.evaluator is not None and evaluate_now and is_main():
                     metrics.update(watcher.periodic_eval(stage.policy, stage.step))
                 metrics.update(watcher.watch(stage.history, metrics, stage.step, progress.console))
                 stage.history.append({"step": stage.step, **metrics})
@@ -441,10 +502,11 @@ def run_loop(name: str, stage: OnlineStage) -> Path:
                     saved = stage.save_checkpoint()  # the last step too, so a finished run can be extended
                 if stage.guard.nonfinite_streak >= cfg.max_nonfinite_in_a_row:
                     raise NumericalError(stage.nonfinite_diagnosis(saved or stage.save_checkpoint()))
-                if stop.signal_number is not None:
+                if stop.requested():
                     raise stop.interruption(name, stage.step, saved or stage.save_checkpoint(), stage.run_dir)
         final = stage.save_checkpoint(final=True)
-        watcher.write_report(name, stage.policy, final, stage.history)
+        if is_main():
+            watcher.write_report(name, stage.policy, final, stage.history)
     finally:
         stage.runlog.close()
     return final

@@ -13,6 +13,10 @@ One iteration (`PPOTrainer.iteration`):
   7. PPO epochs: fresh shuffle, minibatches, micro-batches, clipped losses, gradient clipping
   8. adapt the KL coefficient, log, checkpoint
 Steps 1-4, the loop, the eval set and the run directory are shared with grpo (stages/online.py).
+
+Under torchrun each process samples and scores its share of the prompts (steps 2-4) and computes
+their values; the rows are then gathered, so steps 5, 6 and 8 see the whole batch in every process,
+and step 7 splits each minibatch's forward and backward passes, summing the gradients (runtime.py).
 """
 
 from __future__ import annotations
@@ -43,7 +47,17 @@ from tether.roles.batching import in_chunks
 from tether.roles.policy import response_logprobs
 from tether.roles.value import response_values
 from tether.rollout import Rollout
-from tether.runtime import autocast, prepare_process
+from tether.runtime import (
+    autocast,
+    broadcast_trainable,
+    prepare_process,
+    refuse_unbuilt_engines,
+    require_divisible,
+    shard,
+    shared_generator,
+    sum_across_ranks,
+    sum_gradients,
+)
 from tether.stages.common import load_trainable, make_optimizer
 from tether.stages.online import (
     Timer,
@@ -53,6 +67,7 @@ from tether.stages.online import (
     batch_samples,
     clip_gradients,
     describe_update,
+    gather_batch,
     load_policy_roles,
     open_run,
     restore_trainer_state,
@@ -86,6 +101,8 @@ class PPOTrainer:
         cfg = config
 
         self.device = prepare_process(cfg.train.num_threads, cfg.train.seed, cfg.train.device)
+        refuse_unbuilt_engines(cfg.model.fsdp, cfg.rollout.engine, self.device)
+        require_divisible(cfg.train.batch_size, "train.batch_size")
 
         # Roles. Weights come from the newest checkpoint when resuming, else from the config.
         self.roles = load_policy_roles(cfg, resume_from, self.device)
@@ -117,7 +134,7 @@ class PPOTrainer:
         self.guard = UpdateGuard()
         self.step = 0
         if resume_from is not None:
-            self.step = int(restore_trainer_state(resume_from, self._stateful_parts())["step"])
+            self.step = int(restore_trainer_state(resume_from, self._stateful_parts(), cfg.train.seed)["step"])
         self.runlog, self.history = open_run(self.run_dir, cfg, self.step if resume_from is not None else None)
 
     def train(self) -> Path:
@@ -133,20 +150,22 @@ class PPOTrainer:
         cfg = self.config
         timer = Timer()
 
-        # 1. A batch of prompts. 2.-4. Sample, old and reference log-probs, scores (online.py).
-        batch = self.sampler.next_batch()
+        # 1. A batch of prompts (this process's share). 2.-4. Sample, old and reference log-probs,
+        # scores (online.py).
+        batch = shard(self.sampler.next_batch())
         scored = sample_and_score(self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer)
-        rollout, mask = scored.rollout, scored.mask  # mask: (B, R)
 
         # 3. (continued) Values of the sampled sequences, without grad.
         with torch.no_grad(), autocast(self.device, cfg.model.dtype), timer("value"):
-            start = rollout.response_start
+            sampled = scored.rollout
             (values,) = in_chunks(
-                lambda i, m: (response_values(self.value_model, i, m, start),),
-                rollout.input_ids,
-                rollout.attention_mask,
+                lambda i, m: (response_values(self.value_model, i, m, sampled.response_start),),
+                sampled.input_ids,
+                sampled.attention_mask,
                 cfg.train.micro_batch_size,
             )
+        scored, (values,) = gather_batch(scored, self.roles.pad_id, values)  # the whole batch, in every process
+        rollout, mask = scored.rollout, scored.mask  # mask: (B, R)
 
         # 5. Per-token rewards: the KL penalty on every token, the score on the last real one.
         kl = kl_per_token(scored.old_logprobs, scored.ref_logprobs, cfg.ppo.kl_estimator)  # (B, R)
@@ -188,6 +207,8 @@ class PPOTrainer:
 
         A minibatch is processed in micro-batches whose losses are normalised by the minibatch's
         token count, so the accumulated gradient equals the whole minibatch's (RLHF-DETAILS 13).
+        Under torchrun each process takes its share of every minibatch and the gradients are
+        summed, so the step is the same for any number of processes.
         """
         cfg = self.config
         rollout = exp.rollout
@@ -197,15 +218,17 @@ class PPOTrainer:
         micro = cfg.train.micro_batch_size or cfg.ppo.minibatch_size
         totals: dict[str, float] = defaultdict(float)
         num_minibatches = 0
-        for _epoch in range(cfg.ppo.epochs):
-            order = torch.randperm(n)  # a fresh shuffle per epoch
+        for epoch in range(cfg.ppo.epochs):
+            # A fresh shuffle per epoch, the same in every process.
+            order = torch.randperm(n, generator=shared_generator(cfg.train.seed, self.step, epoch))
             for mb_start in range(0, n, cfg.ppo.minibatch_size):
                 minibatch = order[mb_start : mb_start + cfg.ppo.minibatch_size].to(self.device)
                 token_count = mask[minibatch].sum()
+                mine = shard(minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats: dict[str, float] = defaultdict(float)
-                for micro_start in range(0, len(minibatch), micro):
-                    idx = minibatch[micro_start : micro_start + micro]
+                for micro_start in range(0, len(mine), micro):
+                    idx = mine[micro_start : micro_start + micro]
                     with autocast(self.device, cfg.model.dtype):
                         (new_logprobs,) = response_logprobs(
                             self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
@@ -232,6 +255,8 @@ class PPOTrainer:
                     stats["loss/value"] += float(vf_loss.detach())
                     for key, value in {**pg_stats, **vf_stats}.items():
                         stats[key] += float(value)
+                sum_gradients(self.policy_params + self.value_params)
+                stats = sum_across_ranks(stats)
                 stats["policy/grad_norm"] = clip_gradients(self.policy_params, cfg.train.max_grad_norm)
                 stats["val/grad_norm"] = clip_gradients(self.value_params, cfg.train.max_grad_norm)
                 self.guard.step(self.optimizer, stats, self.step)
@@ -252,7 +277,9 @@ class PPOTrainer:
         cfg = self.config.model
         saved = resume_from / "value" if resume_from else None
         value = load_trainable("scalar", self._value_source(), cfg.lora, self.tokenizer, saved, cfg.trust_remote_code)
-        return value.to(self.device)
+        value = value.to(self.device)
+        broadcast_trainable(value)
+        return value
 
     def _stateful_parts(self) -> dict[str, Any]:
         return {

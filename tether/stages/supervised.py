@@ -12,6 +12,10 @@ At the end the final model goes to checkpoints/final/ and the held-out result to
 
 What differs between stages (data format, model kind, loss, held-out metrics, what is saved with
 the final model) is a `Task`; the loop, checkpoints and resume are written once, here.
+
+Under torchrun every process draws the same batch and takes its share of it (runtime.shard); the
+loss is still divided by the whole batch's count and the gradients are summed over the processes,
+so each step is the one a single process would take. Only the main process evaluates and writes.
 """
 
 from __future__ import annotations
@@ -47,7 +51,19 @@ from tether.errors import NumericalError
 from tether.models import eos_token_ids, load_tokenizer
 from tether.rollout import left_pad
 from tether.runlog import RunLog
-from tether.runtime import StopRequest, prepare_process, rng_state, set_rng_state
+from tether.runtime import (
+    StopRequest,
+    barrier,
+    broadcast_trainable,
+    is_main,
+    prepare_process,
+    refuse_unbuilt_engines,
+    restore_rng_states,
+    rng_states_of_all_ranks,
+    shard,
+    sum_across_ranks,
+    sum_gradients,
+)
 from tether.stages.common import ModelKind, load_trainable, make_optimizer, save_model
 
 log = logging.getLogger(__name__)
@@ -140,6 +156,7 @@ class SupervisedTrainer:
         cfg = config.train
 
         self.device = prepare_process(cfg.num_threads, cfg.seed, cfg.device)
+        refuse_unbuilt_engines(config.model.fsdp, "hf", self.device)
         self.tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
         self.task = task = make_task(self.tokenizer)
         self.encoder = Encoder(self.tokenizer, config, eos_token_ids(self.tokenizer)[0])
@@ -157,6 +174,7 @@ class SupervisedTrainer:
             trust_remote_code=config.model.trust_remote_code,
             new_head="reward",  # a reward model's new head starts random (RLHF-DETAILS 7)
         ).to(self.device)
+        broadcast_trainable(self.model)  # the random head (or LoRA) of rank 0 in every process
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         batches_per_epoch = math.ceil(len(self.train_examples) / cfg.batch_size)
         self.total_steps = cfg.steps or max(1, round(cfg.epochs * batches_per_epoch))
@@ -175,11 +193,14 @@ class SupervisedTrainer:
 
         if resume_from is not None:
             self._load_trainer_state(resume_from)
-        else:
-            clear_run_dir(self.run_dir)
-        remove_partial_checkpoints(self.checkpoints)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.run_dir / "config.yaml")
+        barrier()  # every process has checked the run directory before the main one changes it
+        if is_main():
+            if resume_from is None:
+                clear_run_dir(self.run_dir)
+            remove_partial_checkpoints(self.checkpoints)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        barrier()
         self.runlog = RunLog(self.run_dir, resume_step=self.step if resume_from is not None else None)
         task.prepare(
             self.model,
@@ -216,7 +237,8 @@ class SupervisedTrainer:
                 while self.step < self.total_steps:
                     self.step += 1
                     metrics = self.train_step()
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    evaluate_now = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+                    if evaluate_now and is_main():
                         metrics.update(self.evaluate())
                     self.runlog.metrics(self.step, metrics)
                     progress.update(task, completed=self.step, status=_status(self.task.name, metrics))
@@ -231,7 +253,7 @@ class SupervisedTrainer:
                             f"Lower train.lr (now {cfg.lr}) or keep train.max_grad_norm set, then continue with: "
                             f"tether {self.task.name} --resume --output {self.run_dir}"
                         )
-                    if stop.signal_number is not None:
+                    if stop.requested():
                         checkpoint = saved or self.save_checkpoint()
                         raise stop.interruption(self.task.name, self.step, checkpoint, self.run_dir)
             final = self.finish()
@@ -244,16 +266,19 @@ class SupervisedTrainer:
         cfg = self.config.train
         started = time.perf_counter()
         batch = [self.train_examples[i] for i in self.sampler.next_batch()]  # 1. a batch
-        count = self.task.count(batch)
+        count = self.task.count(batch)  # of the whole batch, in every process
+        mine = shard(batch)
         micro = cfg.micro_batch_size or cfg.batch_size
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = defaultdict(float)
-        for i in range(0, len(batch), micro):  # 2. micro-batches, losses normalised by the batch
-            loss, micro_stats = self.task.loss(self.model, batch[i : i + micro], count)
+        for i in range(0, len(mine), micro):  # 2. micro-batches, losses normalised by the batch
+            loss, micro_stats = self.task.loss(self.model, mine[i : i + micro], count)
             loss.backward()
             for key, value in micro_stats.items():
                 stats[key] += float(value)
+        sum_gradients(self.params)
+        stats = sum_across_ranks(stats)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # 3. clip, step
         if math.isfinite(grad_norm):
@@ -283,10 +308,13 @@ class SupervisedTrainer:
         return self.config.train.micro_batch_size or self.config.train.batch_size
 
     def finish(self) -> Path:
-        """Evaluate on the held-out file, save checkpoints/final, write eval/eval.json."""
+        """Evaluate on the held-out file, save checkpoints/final, write eval/eval.json (the main
+        process; the others only learn where the final model is)."""
+        final = self.checkpoints / "final"
+        if not is_main():
+            return final
         metrics = self.evaluate()
         model, extra = self.task.finish(self.model, self.eval_examples, self.eval_batch_size)
-        final = self.checkpoints / "final"
         with atomic_dir(final) as tmp:
             save_model(model, tmp, self.tokenizer, self.config.model.name)
         document = {
@@ -306,22 +334,26 @@ class SupervisedTrainer:
     # ----------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """checkpoints/step-NNNNNN, written by the main process with every process's RNG state."""
         target = self.checkpoints / step_dir_name(self.step)
-        with atomic_dir(target) as tmp:
-            save_model(self.model, tmp, self.tokenizer, self.config.model.name)
-            save_trainer_state(
-                tmp,
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "sampler": self.sampler.state_dict(),
-                    "skipped_updates": self.skipped_updates,
-                    "nonfinite_streak": self.nonfinite_streak,
-                    "rng": rng_state(),
-                },
-            )
-        prune_step_checkpoints(self.checkpoints, self.config.train.keep_last)
+        rng = rng_states_of_all_ranks()
+        if is_main():
+            with atomic_dir(target) as tmp:
+                save_model(self.model, tmp, self.tokenizer, self.config.model.name)
+                save_trainer_state(
+                    tmp,
+                    {
+                        "step": self.step,
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "sampler": self.sampler.state_dict(),
+                        "skipped_updates": self.skipped_updates,
+                        "nonfinite_streak": self.nonfinite_streak,
+                        "rng": rng,
+                    },
+                )
+            prune_step_checkpoints(self.checkpoints, self.config.train.keep_last)
+        barrier()
         return target
 
     def _load_trainer_state(self, folder: Path) -> None:
@@ -332,7 +364,7 @@ class SupervisedTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_updates = int(state["skipped_updates"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"], self.config.train.seed, self.step)
         term.console.print(f"resuming from {folder} (step {self.step})")
 
 
