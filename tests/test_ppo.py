@@ -14,9 +14,11 @@ from transformers import AutoModelForSequenceClassification
 from tether.config import PPOConfig, load_config
 from tether.models import load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.policy import response_logprobs
+from tether.roles.reward import sequence_scores
 from tether.roles.value import response_values
 from tether.rollout import generate
 from tether.runlog import read_jsonl
+from tether.stages.online import first_step_reuses_old_pass
 from tether.stages.ppo import PPOTrainer
 
 REWARD_FILE = """
@@ -69,13 +71,18 @@ def _deterministic(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(NONDETERMINISTIC)} for row in rows]
 
 
+@pytest.mark.parametrize("micro", [None, 2])
 @pytest.mark.parametrize("lora", [False, True])
-def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora):
+def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro):
     """At the first step the policy is the reference and the old log-probs come from the same
     weights: KL to the reference is exactly 0, and the first minibatch's ratio is 1 (nothing
-    clipped). One epoch of one minibatch makes the logged stats those of that minibatch alone."""
-    overrides = ["ppo.epochs=1", "train.steps=1"] + (["model.lora={r: 4, alpha: 8}"] if lora else [])
+    clipped). One epoch of one minibatch makes the logged stats those of that minibatch alone.
+    micro None: the first step reuses the old log-probs' pass (its graph, with grad); 2: the step
+    runs its own forward passes, which must agree with the no-grad old pass."""
+    overrides = ["ppo.epochs=1", "train.steps=1", f"train.micro_batch_size={'null' if micro is None else micro}"]
+    overrides += ["model.lora={r: 4, alpha: 8}"] if lora else []
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
+    assert first_step_reuses_old_pass(trainer.config, 4) == (micro is None)
     metrics, _ = trainer.iteration()
     assert metrics["objective/kl"] == 0.0
     assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-6
@@ -85,7 +92,8 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora):
 
 def test_update_does_not_depend_on_the_micro_batch_split(tiny_llama, task):
     """Same seed, same rollout: one iteration with the minibatch in 1, 2 or 4 micro-batches leaves
-    the same weights (gradients are normalised by the minibatch's token count)."""
+    the same weights (gradients are normalised by the minibatch's token count). With 4 (the whole
+    rollout) the first step reuses the old log-probs' pass; with 2 and 1 it runs its own."""
     weights = {}
     for micro in (4, 2, 1):
         config = tiny_config(
@@ -281,3 +289,41 @@ def test_reward_model_with_another_vocabulary_reads_the_same_text(tiny_llama, ta
         for trainer in (same, other)
     ]
     torch.testing.assert_close(scored[0], scored[1], atol=1e-5, rtol=0)
+
+
+def test_lora_value_model_lends_its_base_to_the_reward_model(tiny_llama, task):
+    """Under LoRA the value model is the reward model's weights plus an adapter, so rewards are
+    scored through it with the adapter off (no second copy), and they stay the frozen reward
+    model's scores while the value model's adapter and head train away from it."""
+    rm = _save_reward_model(task / "rm", tiny_llama)
+    config = tiny_config(
+        tiny_llama,
+        task,
+        f"reward.model={rm}",
+        "model.lora={r: 4, alpha: 8}",
+        "train.lr=5e-2",
+        "rollout.missing_eos_penalty=null",
+    )
+    trainer = PPOTrainer(config, task / "run")
+    assert trainer.rewards.model is None  # the separate copy was dropped
+    frozen = load_scalar_model(str(rm), load_tokenizer(str(rm)))
+    rollout, _ = generate(
+        trainer.policy, trainer.prompt_ids[:4], 1, 6, 1.0, trainer.roles.pad_id, trainer.roles.eos_ids
+    )
+    ids, attn = rollout.input_ids, rollout.attention_mask
+
+    def reward_scores() -> torch.Tensor:
+        return trainer.rewards.score(ids, attn, ["p"] * 4, ["r"] * 4, [True] * 4)[1]["model"]
+
+    def value_at_last_token() -> torch.Tensor:
+        with torch.no_grad():
+            return response_values(trainer.value_model, ids, attn, rollout.response_start)
+
+    expected = sequence_scores(frozen, ids, attn)
+    torch.testing.assert_close(reward_scores(), expected, atol=1e-6, rtol=0)
+    values_before = value_at_last_token()
+    for trainer.step in range(1, 3):
+        trainer.iteration()
+    assert (value_at_last_token() - values_before).abs().max() > 1e-3  # the value model did train
+    torch.testing.assert_close(reward_scores(), expected, atol=1e-6, rtol=0)  # the reward did not move
+    assert trainer.value_model.active_adapters == ["default"]  # and the adapter is back on

@@ -38,7 +38,9 @@ def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> 
     """
     logp = _tempered_log_softmax(logits, temperature)
     token_logp = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    probs = logp.exp()
-    # 0 * log 0 is 0 here, not NaN: logits masked to -inf must not poison the entropy.
-    entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
+    # A measurement, never a loss term: no graph (it would hold two more (B, T, V) tensors).
+    with torch.no_grad():
+        probs = logp.exp()
+        # 0 * log 0 is 0 here, not NaN: logits masked to -inf must not poison the entropy.
+        entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
     return token_logp, entropy

@@ -14,7 +14,8 @@ import inspect
 import math
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,30 @@ class RewardSources:
                 self.model_tokenizer = tokenizer
         self.function = load_function(config.function) if config.function else None
         self.gold = load_function(config.gold) if config.gold else None
+        self._adapted: Any = None  # a LoRA model on the reward model's weights; scored adapter-off
+
+    def shares_weights_with(self, model_name: str) -> bool:
+        """Whether a model loaded from `model_name` reads this reward model's weights and tokens."""
+        return self.model is not None and self.model_tokenizer is None and model_name == self.config.model
+
+    def score_with_base_of(self, adapted: Any) -> None:
+        """Score with the base of `adapted`, a LoRA model built on this very reward model, with its
+        adapter off, and drop the separate copy: the same weights held once (PPO's LoRA value model,
+        which starts from the reward model; the reference does the same with the policy)."""
+        if not self.shares_weights_with(self.config.model or "") or not hasattr(adapted, "disable_adapter"):
+            raise ValueError("score_with_base_of needs a LoRA model on this reward model's weights")
+        self.model = None
+        self._adapted = adapted
+
+    @contextmanager
+    def _reward_model(self) -> Iterator[Any]:
+        if self._adapted is None:
+            yield self.model
+            return
+        # Adapter off: the LoRA layers are bypassed and the score head is the original one
+        # (peft keeps it as the unadapted module beside the trained copy).
+        with self._adapted.disable_adapter():
+            yield self._adapted
 
     @torch.no_grad()
     def score_rollout(
@@ -191,11 +216,12 @@ class RewardSources:
         """Total score (B,) and the raw per-source scores keyed 'model', 'function', 'gold'."""
         parts: dict[str, Tensor] = {}
         total = torch.zeros(len(responses))
-        if self.model is not None:
+        if self.config.model is not None:
             ids, mask = self._reward_model_inputs(input_ids, attention_mask)
-            parts["model"] = in_chunks(
-                lambda i, m: (sequence_scores(self.model, i, m),), ids, mask, self.micro_batch_size
-            )[0].cpu()
+            with self._reward_model() as model:
+                parts["model"] = in_chunks(
+                    lambda i, m: (sequence_scores(model, i, m),), ids, mask, self.micro_batch_size
+                )[0].cpu()
             bad = (~torch.isfinite(parts["model"])).nonzero().flatten().tolist()
             if bad:
                 raise RewardError(

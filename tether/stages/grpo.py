@@ -7,7 +7,8 @@ prompt (Shao et al. 2024, DeepSeekMath, section 4.1).
 One iteration (`GRPOTrainer.iteration`):
   1. draw a batch of prompts (seeded, resumable order)
   2. sample rollout.samples_per_prompt responses to each (a group), truncate each after its first EOS
-  3. forward passes without grad: old log-probs and entropy (policy), reference log-probs
+  3. forward passes without grad: old log-probs and entropy (policy), reference log-probs (the
+     policy's keeps its graph when the first update step can reuse it, as in ppo)
   4. score the responses (reward model / function), add the missing-EOS penalty
   5. grpo.kl_in=reward only: subtract kl_coef * (the response's summed KL) from its score
   6. group-relative advantages: the score minus its group's mean (divided by the group's std when
@@ -38,7 +39,6 @@ from tether.runtime import (
     refuse_unbuilt_engines,
     require_divisible,
     shard,
-    shared_generator,
     sum_across_ranks,
     sum_gradients,
 )
@@ -52,6 +52,8 @@ from tether.stages.online import (
     batch_samples,
     clip_gradients,
     describe_update,
+    epoch_order,
+    first_step_reuses_old_pass,
     gather_batch,
     load_policy_roles,
     open_run,
@@ -113,7 +115,10 @@ class GRPOTrainer:
         # 1. A batch of prompts (this process's share). 2.-4. Sample the groups, old and reference
         # log-probs, scores; then the whole batch in every process.
         batch = shard(self.sampler.next_batch())
-        scored = sample_and_score(self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer)
+        reuse = first_step_reuses_old_pass(cfg, grpo.minibatch_size)
+        scored = sample_and_score(
+            self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer, keep_graph=reuse
+        )
         scored, _ = gather_batch(scored, self.roles.pad_id)
         mask = scored.mask  # (B, R)
 
@@ -147,7 +152,8 @@ class GRPOTrainer:
 
     def _update(self, scored: ScoredBatch, advantages: Tensor) -> dict[str, float]:
         """grpo.epochs of shuffled minibatches; every minibatch is one optimizer step, its loss a
-        token mean over the whole minibatch however it is split into micro-batches."""
+        token mean over the whole minibatch however it is split into micro-batches. The first step
+        backpropagates through the old log-probs' pass when it kept its graph (`attached_logprobs`)."""
         cfg = self.config
         grpo = cfg.grpo
         rollout = scored.rollout
@@ -160,7 +166,8 @@ class GRPOTrainer:
         num_minibatches = 0
         for epoch in range(grpo.epochs):
             # A fresh shuffle per epoch, the same in every process; each takes its share of a minibatch.
-            order = torch.randperm(n, generator=shared_generator(cfg.train.seed, self.step, epoch))
+            order = epoch_order(n, scored.attached_logprobs, cfg.train.seed, self.step, epoch)
+            reused = scored.attached_logprobs if epoch == 0 else None
             for mb_start in range(0, n, grpo.minibatch_size):
                 minibatch = order[mb_start : mb_start + grpo.minibatch_size].to(self.device)
                 token_count = mask[minibatch].sum()
@@ -169,10 +176,13 @@ class GRPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    with autocast(self.device, cfg.model.dtype):
-                        (new_logprobs,) = response_logprobs(
-                            self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
-                        )
+                    if reused is not None:
+                        new_logprobs = reused  # idx is every row in order: the old pass itself
+                    else:
+                        with autocast(self.device, cfg.model.dtype):
+                            (new_logprobs,) = response_logprobs(
+                                self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
+                            )
                     loss, loss_stats = ppo_policy_loss(
                         new_logprobs, scored.old_logprobs[idx], advantages[idx], mask[idx], grpo.clip_coef, token_count
                     )

@@ -62,6 +62,7 @@ from tether.runtime import (
     is_main,
     restore_rng_states,
     rng_states_of_all_ranks,
+    shared_generator,
     world,
 )
 from tether.stages.common import load_trainable, save_model
@@ -114,6 +115,29 @@ def training_prompts(config: OnlineConfig, tokenizer: Any) -> tuple[list[Prompt]
     return prompts, encode_prompts(tokenizer, prompts, config.data)
 
 
+def first_step_reuses_old_pass(config: OnlineConfig, minibatch_size: int) -> bool:
+    """Whether the first optimizer step's policy forward pass is the old log-probs' pass.
+
+    It is when that step takes the whole rollout in one micro-batch in one process: same weights,
+    same rows in the same order, same function. The old log-probs are then that pass's output
+    detached, its graph is kept (`sample_and_score(keep_graph=True)`), and the first step
+    backpropagates through it instead of running the policy again: one forward pass fewer per
+    iteration, and the first step's ratio is exactly 1 by construction.
+    """
+    rollout_size = config.train.batch_size * config.rollout.samples_per_prompt
+    micro = config.train.micro_batch_size or minibatch_size
+    return world().size == 1 and minibatch_size == rollout_size and micro == rollout_size
+
+
+def epoch_order(n: int, old_pass: Tensor | None, seed: int, step: int, epoch: int) -> Tensor:
+    """The row order of an epoch: a fresh shuffle, the same in every process, except the first
+    epoch of an update that reuses the old pass, whose one minibatch takes the rows in that pass's
+    order (the same rows: only the order of a sum changes)."""
+    if old_pass is not None and epoch == 0:
+        return torch.arange(n)
+    return torch.randperm(n, generator=shared_generator(seed, step, epoch))
+
+
 @dataclass(frozen=True)
 class ScoredBatch:
     """Steps 1-4 of an iteration, before any advantage: what was sampled and what it scored."""
@@ -126,6 +150,9 @@ class ScoredBatch:
     ref_logprobs: Tensor  # (B, R) reference log-probs, same temperature
     scores: Tensor  # (B,) reward sources plus the missing-EOS penalty
     parts: dict[str, Tensor]  # each reward source's (B,) share, "gold" included
+    # old_logprobs still attached to the policy's autograd graph, when the caller asked for it
+    # (`keep_graph`): the first update step (ppo, grpo) reuses that pass instead of repeating it.
+    attached_logprobs: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -140,11 +167,13 @@ def sample_and_score(
     batch: list[int],
     device: torch.device,
     timer: Timer,
+    keep_graph: bool = False,
 ) -> ScoredBatch:
     """Sample `samples_per_prompt` responses to each prompt of `batch`, then score them.
 
     2. sample with the KV cache; each response is truncated after its first EOS
     3. old log-probs (+ entropy) and reference log-probs, without grad, at the sampling temperature
+       (with `keep_graph` the old log-probs' pass records the graph: `attached_logprobs`)
     4. scores: the reward sources on the decoded text (or token ids), plus the missing-EOS penalty
     """
     temperature = config.rollout.temperature
@@ -163,23 +192,24 @@ def sample_and_score(
         rollout, **{f.name: getattr(rollout, f.name).to(device) for f in dataclasses.fields(rollout)}
     )
     ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-    with torch.no_grad(), autocast(device, config.model.dtype):
-        with timer("logprobs"):
-            old_logprobs, entropy = in_chunks(
-                lambda i, m: response_logprobs(roles.policy, i, m, start, temperature, with_entropy=True),
-                ids,
-                attn,
-                micro,
-            )
-        with timer("ref"):
-            (ref_logprobs,) = in_chunks(
-                lambda i, m: (roles.reference.logprobs(i, m, start, temperature),), ids, attn, micro
-            )
+    with torch.set_grad_enabled(keep_graph), autocast(device, config.model.dtype), timer("logprobs"):
+        policy_logprobs, entropy = in_chunks(
+            lambda i, m: response_logprobs(roles.policy, i, m, start, temperature, with_entropy=True),
+            ids,
+            attn,
+            micro,
+        )
+    old_logprobs = policy_logprobs.detach()
+    with torch.no_grad(), autocast(device, config.model.dtype), timer("ref"):
+        (ref_logprobs,) = in_chunks(
+            lambda i, m: (roles.reference.logprobs(i, m, start, temperature),), ids, attn, micro
+        )
     prompt_texts = [prompts[batch[int(i)]].text for i in rollout.prompt_index]
     responses = decode_responses(roles.tokenizer, rollout, roles.eos_ids)
     with timer("score"):
         scores, parts = roles.rewards.score_rollout(rollout, prompt_texts, responses)
-    return ScoredBatch(rollout, prompt_texts, responses, old_logprobs, entropy, ref_logprobs, scores, parts)
+    attached = policy_logprobs if keep_graph else None
+    return ScoredBatch(rollout, prompt_texts, responses, old_logprobs, entropy, ref_logprobs, scores, parts, attached)
 
 
 def gather_batch(scored: ScoredBatch, pad_id: int, *per_token: Tensor) -> tuple[ScoredBatch, list[Tensor]]:

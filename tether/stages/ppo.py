@@ -6,7 +6,8 @@
 One iteration (`PPOTrainer.iteration`):
   1. draw a batch of prompts (seeded, resumable order)
   2. sample responses with the policy (KV cache), truncate each after its first EOS
-  3. forward passes without grad: old log-probs and entropy (policy), reference log-probs, values
+  3. forward passes: old log-probs and entropy (policy), reference log-probs, values; without
+     grad, except the policy's when the first update step can reuse it (one minibatch, one micro-batch)
   4. score the responses (reward model / function), add the missing-EOS penalty
   5. per-token rewards: -kl_coef * KL_t on every token, plus the score on the last one
   6. GAE advantages and returns (rewards whitened first if asked), advantages whitened
@@ -54,7 +55,6 @@ from tether.runtime import (
     refuse_unbuilt_engines,
     require_divisible,
     shard,
-    shared_generator,
     sum_across_ranks,
     sum_gradients,
 )
@@ -67,6 +67,8 @@ from tether.stages.online import (
     batch_samples,
     clip_gradients,
     describe_update,
+    epoch_order,
+    first_step_reuses_old_pass,
     gather_batch,
     load_policy_roles,
     open_run,
@@ -153,7 +155,10 @@ class PPOTrainer:
         # 1. A batch of prompts (this process's share). 2.-4. Sample, old and reference log-probs,
         # scores (online.py).
         batch = shard(self.sampler.next_batch())
-        scored = sample_and_score(self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer)
+        reuse = first_step_reuses_old_pass(cfg, cfg.ppo.minibatch_size)
+        scored = sample_and_score(
+            self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer, keep_graph=reuse
+        )
 
         # 3. (continued) Values of the sampled sequences, without grad.
         with torch.no_grad(), autocast(self.device, cfg.model.dtype), timer("value"):
@@ -184,7 +189,7 @@ class PPOTrainer:
         # 7. PPO epochs over minibatches.
         lr = self.scheduler.get_last_lr()[0]
         with timer("train"):
-            update_stats = self._update(experience)
+            update_stats = self._update(experience, scored.attached_logprobs)
 
         # 8. Adapt the KL coefficient to the per-sequence KL this batch showed.
         sequence_kl = kl.sum(dim=1)  # (B,)
@@ -202,13 +207,15 @@ class PPOTrainer:
         }
         return metrics, batch_samples(scored, sequence_kl)
 
-    def _update(self, exp: Experience) -> dict[str, float]:
+    def _update(self, exp: Experience, old_pass: Tensor | None = None) -> dict[str, float]:
         """PPO epochs of shuffled minibatches; every minibatch is one optimizer step.
 
         A minibatch is processed in micro-batches whose losses are normalised by the minibatch's
         token count, so the accumulated gradient equals the whole minibatch's (RLHF-DETAILS 13).
         Under torchrun each process takes its share of every minibatch and the gradients are
-        summed, so the step is the same for any number of processes.
+        summed, so the step is the same for any number of processes. `old_pass`: the old
+        log-probs still attached to their graph, the first step's forward pass over every row in
+        rollout order (see online.first_step_reuses_old_pass).
         """
         cfg = self.config
         rollout = exp.rollout
@@ -219,8 +226,8 @@ class PPOTrainer:
         totals: dict[str, float] = defaultdict(float)
         num_minibatches = 0
         for epoch in range(cfg.ppo.epochs):
-            # A fresh shuffle per epoch, the same in every process.
-            order = torch.randperm(n, generator=shared_generator(cfg.train.seed, self.step, epoch))
+            order = epoch_order(n, old_pass, cfg.train.seed, self.step, epoch)
+            reused = old_pass if epoch == 0 else None
             for mb_start in range(0, n, cfg.ppo.minibatch_size):
                 minibatch = order[mb_start : mb_start + cfg.ppo.minibatch_size].to(self.device)
                 token_count = mask[minibatch].sum()
@@ -229,11 +236,16 @@ class PPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    with autocast(self.device, cfg.model.dtype):
-                        (new_logprobs,) = response_logprobs(
-                            self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
-                        )
-                        new_values = response_values(self.value_model, ids[idx], attn[idx], start)
+                    # Policy and value have no parameter in common, so each loss is backpropagated
+                    # on its own: the gradients are those of pg_loss + vf_coef * vf_loss, and only
+                    # one model's activations are held at a time (the peak memory of the update).
+                    if reused is not None:
+                        new_logprobs = reused
+                    else:
+                        with autocast(self.device, cfg.model.dtype):
+                            (new_logprobs,) = response_logprobs(
+                                self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
+                            )
                     pg_loss, pg_stats = ppo_policy_loss(
                         new_logprobs,
                         exp.old_logprobs[idx],
@@ -242,6 +254,9 @@ class PPOTrainer:
                         cfg.ppo.clip_coef,
                         token_count,
                     )
+                    pg_loss.backward()
+                    with autocast(self.device, cfg.model.dtype):
+                        new_values = response_values(self.value_model, ids[idx], attn[idx], start)
                     vf_loss, vf_stats = clipped_value_loss(
                         new_values,
                         exp.values[idx],
@@ -250,7 +265,7 @@ class PPOTrainer:
                         cfg.ppo.value_clip,
                         token_count,
                     )
-                    (pg_loss + cfg.ppo.vf_coef * vf_loss).backward()
+                    (cfg.ppo.vf_coef * vf_loss).backward()
                     stats["loss/policy"] += float(pg_loss.detach())
                     stats["loss/value"] += float(vf_loss.detach())
                     for key, value in {**pg_stats, **vf_stats}.items():
@@ -279,6 +294,10 @@ class PPOTrainer:
         value = load_trainable("scalar", self._value_source(), cfg.lora, self.tokenizer, saved, cfg.trust_remote_code)
         value = value.to(self.device)
         broadcast_trainable(value)
+        if cfg.lora is not None and self.rewards.shares_weights_with(self._value_source()):
+            # A LoRA value model starting from the reward model is the reward model's weights plus
+            # an adapter: the reward model scores through it with the adapter off (one copy, not two).
+            self.rewards.score_with_base_of(value)
         return value
 
     def _stateful_parts(self) -> dict[str, Any]:
