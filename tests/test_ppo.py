@@ -82,7 +82,7 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro
     overrides = ["ppo.epochs=1", "train.steps=1", f"train.micro_batch_size={'null' if micro is None else micro}"]
     overrides += ["model.lora={r: 4, alpha: 8}"] if lora else []
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
-    assert first_step_reuses_old_pass(trainer.config, 4) == (micro is None)
+    assert first_step_reuses_old_pass(trainer.config, trainer.config.ppo.minibatch_size) == (micro is None)
     metrics, _ = trainer.iteration()
     assert metrics["objective/kl"] == 0.0
     assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-6

@@ -32,9 +32,7 @@ from tether.checkpoint import check_run_dir
 from tether.config import GRPOConfig
 from tether.core import group_advantages, kl_loss, kl_per_token, ppo_policy_loss
 from tether.data import PromptSampler
-from tether.roles.policy import response_logprobs
 from tether.runtime import (
-    autocast,
     prepare_process,
     refuse_unbuilt_engines,
     require_divisible,
@@ -60,6 +58,7 @@ from tether.stages.online import (
     restore_trainer_state,
     run_loop,
     sample_and_score,
+    step_logprobs,
     training_prompts,
     write_checkpoint,
 )
@@ -176,13 +175,7 @@ class GRPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    if reused is not None:
-                        new_logprobs = reused  # idx is every row in order: the old pass itself
-                    else:
-                        with autocast(self.device, cfg.model.dtype):
-                            (new_logprobs,) = response_logprobs(
-                                self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
-                            )
+                    new_logprobs = step_logprobs(self.policy, ids, attn, start, idx, cfg, self.device, reused)
                     loss, loss_stats = ppo_policy_loss(
                         new_logprobs, scored.old_logprobs[idx], advantages[idx], mask[idx], grpo.clip_coef, token_count
                     )

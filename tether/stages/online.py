@@ -138,6 +138,25 @@ def epoch_order(n: int, old_pass: Tensor | None, seed: int, step: int, epoch: in
     return torch.randperm(n, generator=shared_generator(seed, step, epoch))
 
 
+def step_logprobs(
+    policy: Any,
+    ids: Tensor,
+    attn: Tensor,
+    response_start: int,
+    idx: Tensor,
+    config: OnlineConfig,
+    device: torch.device,
+    reused: Tensor | None,
+) -> Tensor:
+    """The policy's (len(idx), R) log-probs of rows `idx` for an update's loss, with grad: `reused`,
+    the old log-probs' pass itself, when the step reuses it (then idx is every row in order), else
+    a fresh forward pass under the rollout temperature."""
+    if reused is not None:
+        return reused
+    with autocast(device, config.model.dtype):
+        return response_logprobs(policy, ids[idx], attn[idx], response_start, config.rollout.temperature)[0]
+
+
 @dataclass(frozen=True)
 class ScoredBatch:
     """Steps 1-4 of an iteration, before any advantage: what was sampled and what it scored."""

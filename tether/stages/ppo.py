@@ -45,7 +45,6 @@ from tether.core import (
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler
 from tether.roles.batching import in_chunks
-from tether.roles.policy import response_logprobs
 from tether.roles.value import response_values
 from tether.rollout import Rollout
 from tether.runtime import (
@@ -75,6 +74,7 @@ from tether.stages.online import (
     restore_trainer_state,
     run_loop,
     sample_and_score,
+    step_logprobs,
     training_prompts,
     write_checkpoint,
 )
@@ -111,6 +111,10 @@ class PPOTrainer:
         self.tokenizer, self.policy = self.roles.tokenizer, self.roles.policy
         self.reference, self.rewards = self.roles.reference, self.roles.rewards
         self.value_model = self._load_value_model(resume_from)
+        if cfg.model.lora is not None and self.rewards.shares_weights_with(self._value_source()):
+            # A LoRA value model starting from the reward model is the reward model's weights plus
+            # an adapter: the reward model scores through it with the adapter off (one copy, not two).
+            self.rewards.score_with_base_of(self.value_model)
 
         # Prompts, tokenized once.
         self.prompts, self.prompt_ids = training_prompts(cfg, self.tokenizer)
@@ -236,16 +240,7 @@ class PPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    # Policy and value have no parameter in common, so each loss is backpropagated
-                    # on its own: the gradients are those of pg_loss + vf_coef * vf_loss, and only
-                    # one model's activations are held at a time (the peak memory of the update).
-                    if reused is not None:
-                        new_logprobs = reused
-                    else:
-                        with autocast(self.device, cfg.model.dtype):
-                            (new_logprobs,) = response_logprobs(
-                                self.policy, ids[idx], attn[idx], start, cfg.rollout.temperature
-                            )
+                    new_logprobs = step_logprobs(self.policy, ids, attn, start, idx, cfg, self.device, reused)
                     pg_loss, pg_stats = ppo_policy_loss(
                         new_logprobs,
                         exp.old_logprobs[idx],
@@ -254,6 +249,9 @@ class PPOTrainer:
                         cfg.ppo.clip_coef,
                         token_count,
                     )
+                    # Policy and value have no parameter in common, so each loss is backpropagated
+                    # on its own: the gradients are those of pg_loss + vf_coef * vf_loss, and only
+                    # one model's activations are held at a time (the peak memory of the update).
                     pg_loss.backward()
                     with autocast(self.device, cfg.model.dtype):
                         new_values = response_values(self.value_model, ids[idx], attn[idx], start)
@@ -294,10 +292,6 @@ class PPOTrainer:
         value = load_trainable("scalar", self._value_source(), cfg.lora, self.tokenizer, saved, cfg.trust_remote_code)
         value = value.to(self.device)
         broadcast_trainable(value)
-        if cfg.lora is not None and self.rewards.shares_weights_with(self._value_source()):
-            # A LoRA value model starting from the reward model is the reward model's weights plus
-            # an adapter: the reward model scores through it with the adapter off (one copy, not two).
-            self.rewards.score_with_base_of(value)
         return value
 
     def _stateful_parts(self) -> dict[str, Any]:
