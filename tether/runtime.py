@@ -16,6 +16,7 @@ single-process no-op.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -66,6 +67,32 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     np.random.seed(process_seed % 2**32)
     torch.manual_seed(process_seed)
     return process_seed
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Tensors too small for their own mmap come from glibc's heap, which keeps what they free. One
+    iteration's phases free and allocate differently shaped tensors, so the heap fragments and the
+    resident set grows from one iteration to the next (LoRA PPO on the embedded model: 3.4 -> 3.7
+    -> 4.1 GiB peak). Trimming at every phase boundary keeps it flat (3.0 -> 3.4 GiB) at no
+    measurable cost in time (benchmarks/README.md); glibc's mmap threshold would too, but makes
+    every allocation a fresh mapping and an iteration ~50% slower.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the process's own libc
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def prepare_process(num_threads: int | None, seed: int, device: str) -> torch.device:
