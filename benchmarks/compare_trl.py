@@ -37,6 +37,8 @@ What TRL 1.12 does differently (same settings, different mechanics), measured as
     is also trained; tether places it on the EOS token;
   - attention masks are derived from the pad id (tether carries masks explicitly);
   - the prompt order comes from its own shuffled DataLoader (tether: its seeded PromptSampler).
+System "tether-head" is tether with `model.critic=head`: a linear value head on the policy's final
+hidden state instead of a value model (no fourth model; old log-probs and values in one pass).
 The script imports only the standard library at the top: the TRL child runs it in TRL's venv, which
 has no tether.
 """
@@ -63,7 +65,8 @@ TRL_PYTHON = TRL_VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"  # the CPU build on this machine; an unpinned torch pulls CUDA wheels
 TRL_PINS = ["trl==1.12.0", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
-SYSTEMS = ("trl", "tether")
+# "tether-head": tether with model.critic=head (a value head on the policy instead of a value model)
+SYSTEMS = ("trl", "tether", "tether-head")
 REWARD_SEEDS = (0, 1, 2)
 
 
@@ -145,6 +148,8 @@ def tether_child(spec: dict[str, Any]) -> dict[str, Any]:
     ]
     if spec["variant"] == "lora":
         overrides.append("model.lora=" + json.dumps(LORA))
+    if spec["system"] == "tether-head":
+        overrides.append("model.critic=head")  # train.value_lr=null: the head's own default
     config = load_config(PPOConfig, None, overrides)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
@@ -432,12 +437,12 @@ def print_speed_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> N
         f"\nPPO on smollm2-135m-instruct, {args.batch_size} prompts x 1 response, {args.max_new_tokens} new tokens, "
         f"float32, {args.threads} threads, median of {max(args.iterations - 1, 1)} iterations after a warm-up\n"
     )
-    both = all(s in args.systems for s in SYSTEMS)
+    compared = [s for s in args.systems if s != "trl"] if "trl" in args.systems else []
     header = ["variant", "epochs"]
     for system in args.systems:
         header += [f"{system} s/iter", f"{system} tokens/s", f"{system} tokens/response", f"{system} peak GiB"]
-    if both:
-        header += ["speed-up (TRL s / tether s)", "memory (tether / TRL)"]
+    for system in compared:
+        header += [f"speed-up (TRL s / {system} s)", f"memory ({system} / TRL)"]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for run in runs:
@@ -450,10 +455,10 @@ def print_speed_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> N
                 f"{s['tokens_per_response']:.1f}",
                 f"{s['peak_rss_gib']:.2f}",
             ]
-        if both:
+        for system in compared:
             cells += [
-                f"{run['trl']['s_per_iteration'] / run['tether']['s_per_iteration']:.2f}x",
-                f"{run['tether']['peak_rss_gib'] / run['trl']['peak_rss_gib']:.2f}",
+                f"{run['trl']['s_per_iteration'] / run[system]['s_per_iteration']:.2f}x",
+                f"{run[system]['peak_rss_gib'] / run['trl']['peak_rss_gib']:.2f}",
             ]
         print("| " + " | ".join(cells) + " |")
 

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["full", "lora"], default="lora")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--critic", choices=["model", "head"], default="model", help="model.critic")
     parser.add_argument("--reward-model", default=str(REPO / "runs" / "demo-rm" / "checkpoints" / "final"))
     args = parser.parse_args()
 
@@ -64,6 +65,7 @@ def main() -> None:
         "eval.num_prompts=0",
         "alarms.enabled=false",
         "model.dtype=float32",
+        f"model.critic={args.critic}",
     ]
     if args.variant == "lora":
         overrides.append("model.lora={r: 16, alpha: 32}")

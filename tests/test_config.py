@@ -256,6 +256,8 @@ def test_wrong_type_in_a_file_names_the_key(tmp_path):
         (["train.steps=0"], "train.steps"),
         (["ppo.kl_coef=-0.1"], "ppo.kl_coef"),
         (["train.value_lr=0"], "train.value_lr"),
+        (["model.critic=head", "model.value_model=somewhere"], "model.value_model"),
+        (["model.critic=both"], "model.critic"),
         (["model.lora.r=0"], "model.lora.r"),
         # 8 prompts * 1 sample = 8 sequences: a minibatch of 3 does not divide them
         (["ppo.minibatch_size=3"], "ppo.minibatch_size"),

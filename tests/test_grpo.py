@@ -194,6 +194,7 @@ def test_grpo_cli_writes_the_run_directory_and_eval_reads_it(tiny_llama, tmp_pat
     [
         ("rollout.samples_per_prompt=1", "at least 2"),
         ("model.value_model=somewhere", "no value model"),
+        ("model.critic=head", "grpo has no critic"),
         ("grpo.kl_in=both", "grpo.kl_in"),
         ("grpo.minibatch_size=3", "must divide"),
         ("ppo.epochs=2", "unknown config key"),

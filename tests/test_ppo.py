@@ -15,7 +15,7 @@ from tether.config import PPOConfig, load_config
 from tether.models import load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.policy import response_logprobs
 from tether.roles.reward import sequence_scores
-from tether.roles.value import response_values
+from tether.roles.value import ValueHead, response_values
 from tether.rollout import generate
 from tether.runlog import read_jsonl
 from tether.stages.online import first_step_reuses_old_pass
@@ -71,15 +71,18 @@ def _deterministic(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(NONDETERMINISTIC)} for row in rows]
 
 
+@pytest.mark.parametrize("critic", ["model", "head"])
 @pytest.mark.parametrize("micro", [None, 2])
 @pytest.mark.parametrize("lora", [False, True])
-def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro):
+def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro, critic):
     """At the first step the policy is the reference and the old log-probs come from the same
     weights: KL to the reference is exactly 0, and the first minibatch's ratio is 1 (nothing
     clipped). One epoch of one minibatch makes the logged stats those of that minibatch alone.
     micro None: the first step reuses the old log-probs' pass (its graph, with grad); 2: the step
-    runs its own forward passes, which must agree with the no-grad old pass."""
+    runs its own forward passes, which must agree with the no-grad old pass. critic head: the
+    values come from the same passes, and the first value loss is the unclipped one."""
     overrides = ["ppo.epochs=1", "train.steps=1", f"train.micro_batch_size={'null' if micro is None else micro}"]
+    overrides += [f"model.critic={critic}"]
     overrides += ["model.lora={r: 4, alpha: 8}"] if lora else []
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
     assert first_step_reuses_old_pass(trainer.config, trainer.config.ppo.minibatch_size) == (micro is None)
@@ -88,9 +91,11 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro
     assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-6
     assert metrics["policy/approxkl"] < 1e-10
     assert metrics["policy/clipfrac"] == 0.0
+    assert metrics["val/clipfrac"] == 0.0
 
 
-def test_update_does_not_depend_on_the_micro_batch_split(tiny_llama, task):
+@pytest.mark.parametrize("critic", ["model", "head"])
+def test_update_does_not_depend_on_the_micro_batch_split(tiny_llama, task, critic):
     """Same seed, same rollout: one iteration with the minibatch in 1, 2 or 4 micro-batches leaves
     the same weights (gradients are normalised by the minibatch's token count). With 4 (the whole
     rollout) the first step reuses the old log-probs' pass; with 2 and 1 it runs its own."""
@@ -103,10 +108,12 @@ def test_update_does_not_depend_on_the_micro_batch_split(tiny_llama, task):
             "ppo.epochs=2",
             f"train.micro_batch_size={micro}",
             "train.lr=1e-3",
+            f"model.critic={critic}",
         )
         trainer = PPOTrainer(config, task / f"run-{micro}")
         trainer.iteration()
         weights[micro] = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        weights[micro] |= {f"critic.{k}": v.clone() for k, v in trainer._critic().state_dict().items()}
     for micro in (2, 1):
         for name, tensor in weights[4].items():
             torch.testing.assert_close(weights[micro][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
@@ -156,8 +163,12 @@ def test_reward_rises_while_kl_stays_bounded(tiny_llama, task):
     assert all(abs(k) < 20.0 for k in kls), f"KL ran away: max {max(kls):.2f}"
 
 
-@pytest.mark.parametrize(("stop_after", "save_every", "resume_step"), [(5, 2, 4), (3, 1, 3)])
-def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch, stop_after, save_every, resume_step):
+@pytest.mark.parametrize(
+    ("stop_after", "save_every", "resume_step", "critic"), [(5, 2, 4, "model"), (3, 1, 3, "model"), (3, 1, 3, "head")]
+)
+def test_resume_matches_an_uninterrupted_run(
+    tiny_llama, task, monkeypatch, stop_after, save_every, resume_step, critic
+):
     """Interrupt after `stop_after` iterations, resume from the newest checkpoint, and finish:
     metrics and final weights are bit-identical to a run that was never stopped. Step 4 ends a
     pass over the 8 prompts (an epoch boundary of the data) and leaves a logged step 5 to be
@@ -171,6 +182,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch, stop
         "ppo.kl_horizon=100",
         "train.lr=1e-3",
         "eval.num_prompts=0",
+        f"model.critic={critic}",
     ]
     straight = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "straight")
     straight.train()
@@ -195,7 +207,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch, stop
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
     assert _deterministic(resumed_rows) == _deterministic(straight_rows)
     assert len({r["objective/kl_coef"] for r in straight_rows}) > 1, "the adaptive controller never moved"
-    for part in ("model.safetensors", "value/model.safetensors"):
+    value_file = "value/model.safetensors" if critic == "model" else "value/value_head.safetensors"
+    for part in ("model.safetensors", value_file):
         a = load_file(task / "straight" / "checkpoints" / "final" / part)
         b = load_file(task / "resumed" / "checkpoints" / "final" / part)
         assert a.keys() == b.keys()
@@ -232,6 +245,29 @@ def test_saved_policy_and_value_reload_to_identical_outputs(tiny_llama, task, lo
     torch.testing.assert_close(reloaded_logprobs, expected_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(reloaded_values, expected_values, atol=1e-5, rtol=0)
     assert torch.count_nonzero(expected_values) > 0, "the value head never trained: the check would be vacuous"
+
+
+def test_saved_value_head_reloads_to_identical_values(tiny_llama, task):
+    """model.critic=head: the checkpoint's value/ holds the head alone (no second model, no
+    tokenizer); it reloads to the values the trained head gives on the saved policy's features."""
+    config = tiny_config(tiny_llama, task, "train.steps=2", "model.critic=head", "train.value_lr=1e-2")
+    trainer = PPOTrainer(config, task / "run")
+    for trainer.step in (1, 2):
+        trainer.iteration()
+    folder = trainer.save_checkpoint(final=True)
+    assert sorted(p.name for p in (folder / "value").iterdir()) == ["config.json", "value_head.safetensors"]
+    probe = torch.tensor([trainer.prompt_ids[1] + [10, 11, 12, 3]])
+    mask = torch.ones_like(probe, dtype=torch.bool)
+    start = len(trainer.prompt_ids[1])
+    policy = load_causal_lm(str(folder), load_tokenizer(str(folder)))
+    with torch.no_grad():
+        _, expected = response_logprobs(trainer.policy, probe, mask, start, 0.7, value_head=trainer.value_head)
+        _, reloaded = response_logprobs(
+            policy, probe, mask, start, 0.7, value_head=ValueHead.from_pretrained(folder / "value")
+        )
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
+    assert torch.count_nonzero(expected) > 0, "the value head never trained: the check would be vacuous"
+    assert trainer.value_model is None
 
 
 def _save_reward_model(folder: Path, source: Path, extra_token: bool = False) -> Path:

@@ -12,7 +12,7 @@ from tether.models import eos_token_ids, load_causal_lm, load_scalar_model, load
 from tether.roles.policy import add_lora, response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import sequence_scores
-from tether.roles.value import backbone_hidden, response_values
+from tether.roles.value import ValueHead, backbone_hidden, response_values
 from tether.rollout import generate, left_pad, truncate_after_eos
 
 TEXTS = ["hello world", "tell me about the big red cat please", "why", "one two three four five six"]
@@ -145,6 +145,45 @@ def test_value_model_from_a_causal_lm_starts_at_zero(tiny_llama):
     with torch.no_grad():
         values = response_values(value, ids, torch.ones_like(ids, dtype=torch.bool), 2)
     assert torch.count_nonzero(values) == 0
+
+
+def test_value_head_reads_the_final_hidden_state_and_never_trains_the_policy(tiny_llama, tmp_path):
+    """A value head's values are w . rms_normalise(h) + b at the positions of the log-probs, h being
+    the trunk's final (normed) hidden state, computed here from the trunk alone; its loss gives the
+    head a gradient and the policy none (the features are detached); it reloads to the same values."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    policy = load_causal_lm(str(tiny_llama), tokenizer)
+    head = ValueHead(policy.config.hidden_size)
+    with torch.no_grad():
+        head.linear.weight.normal_()
+        head.linear.bias.fill_(0.5)
+    prompt = _prompt_ids(tokenizer)[1]
+    response = tokenizer("the cat is very good")["input_ids"]
+    ids = torch.tensor([prompt + response])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    logprobs, values = response_logprobs(policy, ids, mask, len(prompt), 0.7, value_head=head)
+    (plain_logprobs,) = response_logprobs(policy, ids, mask, len(prompt), 0.7)
+    torch.testing.assert_close(logprobs, plain_logprobs, atol=0, rtol=0)
+
+    with torch.no_grad():
+        hidden = policy.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1 : -1]  # predicts each response token
+        normalised = hidden / hidden.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        expected = normalised @ head.linear.weight[0] + 0.5
+    torch.testing.assert_close(values[0], expected, atol=1e-5, rtol=1e-5)
+
+    values.sum().backward()
+    assert head.linear.weight.grad is not None and torch.count_nonzero(head.linear.weight.grad) > 0
+    assert all(p.grad is None for p in policy.parameters()), "the value loss reached the policy"
+
+    head.save_pretrained(tmp_path / "value")
+    reloaded = ValueHead.from_pretrained(tmp_path / "value")
+    torch.testing.assert_close(reloaded(hidden.unsqueeze(0))[0], expected, atol=1e-6, rtol=0)
+    with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
+        ValueHead.from_pretrained(tmp_path)
+
+
+def test_value_head_starts_at_zero():
+    assert torch.count_nonzero(ValueHead(16)(torch.randn(2, 5, 16))) == 0
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

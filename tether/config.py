@@ -72,6 +72,12 @@ class ModelConfig:
     value_model: str | None = _doc(
         None, "Value model to start from. null: reward.model when that is set, else model.name."
     )
+    critic: Literal["model", "head"] = _doc(
+        "model",
+        "ppo's critic. 'model': its own network (model.value_model). 'head': one linear layer on the "
+        "policy's last hidden state, detached, so the value loss never moves the policy: no value model, and "
+        "the old log-probs and values come from one forward pass (train.value_lr: its learning rate).",
+    )
     trust_remote_code: bool = _doc(False, "Passed to transformers when loading models and tokenizers.")
     fsdp: bool = _doc(
         False,
@@ -141,7 +147,9 @@ class TrainConfig:
         "job (a multiple of their number).",
     )
     lr: float = _doc(3.0e-6, "Policy learning rate (AdamW).")
-    value_lr: float | None = _doc(None, "Value model learning rate. null: train.lr.")
+    value_lr: float | None = _doc(
+        None, "Learning rate of ppo's critic. null: train.lr for a value model, 1e-3 for a value head."
+    )
     lr_schedule: Literal["constant", "linear", "cosine"] = _doc(
         "linear", "Learning-rate schedule over all optimizer steps (after warmup)."
     )
@@ -238,6 +246,11 @@ class PPOConfig:
         for key in ("train.value_lr", "ppo.value_clip", "ppo.kl_target"):
             if get_path(self, key) is not None:
                 _positive(self, key)
+        if self.model.critic == "head" and self.model.value_model is not None:
+            raise ConfigError(
+                f"model.value_model={self.model.value_model!r} is a value model to start from, but "
+                "model.critic='head' puts the critic on the policy: set one of them"
+            )
         for key in ("ppo.gamma", "ppo.lam"):
             if not 0.0 <= get_path(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {get_path(self, key)}")
@@ -282,6 +295,8 @@ class GRPOConfig:
         for key in ("model.value_model", "train.value_lr"):
             if get_path(self, key) is not None:
                 raise ConfigError(f"{key} is a ppo setting; grpo has no value model")
+        if self.model.critic != "model":
+            raise ConfigError(f"model.critic={self.model.critic!r} is a ppo setting; grpo has no critic")
 
 
 OnlineConfig = PPOConfig | GRPOConfig
@@ -491,6 +506,8 @@ def _validate_supervised(config: RMConfig | SFTConfig | DPOConfig) -> None:
     for key in ("model.ref_model", "model.value_model"):
         if get_path(config, key) is not None:
             raise ConfigError(f"{key} is a ppo setting; this stage trains model.name alone")
+    if config.model.critic != "model":
+        raise ConfigError(f"model.critic={config.model.critic!r} is a ppo setting; this stage has no critic")
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft import LoraConfig as PeftLoraConfig
@@ -33,27 +35,54 @@ def response_logprobs(
     response_start: int,
     temperature: float,
     with_entropy: bool = False,
+    value_head: Any = None,
 ) -> tuple[Tensor, ...]:
-    """log pi(response token | everything before it), and optionally the per-token entropy.
+    """log pi(response token | everything before it), then optionally the per-token entropy, then
+    optionally the values `value_head` (roles/value.py ValueHead) reads off the same pass.
 
     input_ids, attention_mask: (B, P + R) as [left-padded prompt | response], response from column
-    `response_start`. returns ((B, R),) or ((B, R), (B, R)); values at padding are meaningless.
+    `response_start`. returns ((B, R),), plus a (B, R) entropy and/or a (B, R) value; values at
+    padding are meaningless.
     """
 
     def forward(ids: Tensor, mask: Tensor, response_len: int) -> tuple[Tensor, ...]:
         # Only the logits that predict response tokens: the last R + 1 positions minus the final
         # one. Skipping the prompt's logits saves the LM head (vocab x hidden) on every prompt token.
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            logits_to_keep=response_len + 1,
-            use_cache=False,
-        )
+        with lm_head_input(model if value_head is not None else None) as hidden:
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                logits_to_keep=response_len + 1,
+                use_cache=False,
+            )
         logits = out.logits[:, :-1]  # (B, r, V)
         tokens = ids[:, -response_len:]
-        if with_entropy:
-            return logprobs_and_entropy(logits, tokens, temperature)
-        return (logprobs_from_logits(logits, tokens, temperature),)
+        outputs = (
+            logprobs_and_entropy(logits, tokens, temperature)
+            if with_entropy
+            else (logprobs_from_logits(logits, tokens, temperature),)
+        )
+        if value_head is not None:
+            # The state before token t is read where the logits predicting t are: the same positions.
+            outputs = (*outputs, value_head(hidden[0][:, :-1]))
+        return outputs
 
     return forward_trimmed(forward, input_ids, attention_mask, response_start)
+
+
+@contextmanager
+def lm_head_input(model: Any) -> Iterator[list[Tensor]]:
+    """Within the block, the hidden states the model's LM head reads (after the final norm, at the
+    positions `logits_to_keep` kept) land in the yielded list. A hook on the output embedding, not
+    `output_hidden_states`, so it is the LM head's own input whatever the architecture does before
+    it. model None: nothing is recorded."""
+    seen: list[Tensor] = []
+    if model is None:
+        yield seen
+        return
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()

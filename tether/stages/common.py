@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 from peft import PeftModel, TaskType
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from tether.config import LoraConfig
 from tether.models import load_causal_lm, load_scalar_model, quiet_transformers, resolve_model_path
@@ -49,14 +49,16 @@ def load_trainable(
 
 
 def save_model(model: Any, folder: Path, tokenizer: PreTrainedTokenizerBase, base_name: str) -> None:
-    """Hugging Face format (the adapter alone for LoRA), with the tokenizer beside it."""
+    """Hugging Face format (the adapter alone for LoRA), with the tokenizer beside it; any other
+    module with a `save_pretrained` (ppo's value head) writes its own files, without a tokenizer."""
     if isinstance(model, PeftModel):
         # Point the adapter at a base that loads on this machine (the built-in name resolves to
         # its converted cache folder), so plain transformers + peft can load it too.
         model.peft_config["default"].base_model_name_or_path = resolve_model_path(base_name)
     with quiet_transformers():
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if isinstance(model, (PreTrainedModel, PeftModel)):
+            tokenizer.save_pretrained(folder)
 
 
 def make_optimizer(

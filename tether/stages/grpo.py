@@ -152,7 +152,7 @@ class GRPOTrainer:
     def _update(self, scored: ScoredBatch, advantages: Tensor) -> dict[str, float]:
         """grpo.epochs of shuffled minibatches; every minibatch is one optimizer step, its loss a
         token mean over the whole minibatch however it is split into micro-batches. The first step
-        backpropagates through the old log-probs' pass when it kept its graph (`attached_logprobs`)."""
+        backpropagates through the old log-probs' pass when it kept its graph (`attached`)."""
         cfg = self.config
         grpo = cfg.grpo
         rollout = scored.rollout
@@ -165,8 +165,8 @@ class GRPOTrainer:
         num_minibatches = 0
         for epoch in range(grpo.epochs):
             # A fresh shuffle per epoch, the same in every process; each takes its share of a minibatch.
-            order = epoch_order(n, scored.attached_logprobs, cfg.train.seed, self.step, epoch)
-            reused = scored.attached_logprobs if epoch == 0 else None
+            order = epoch_order(n, scored.attached is not None, cfg.train.seed, self.step, epoch)
+            reused = scored.attached if epoch == 0 else None
             for mb_start in range(0, n, grpo.minibatch_size):
                 minibatch = order[mb_start : mb_start + grpo.minibatch_size].to(self.device)
                 token_count = mask[minibatch].sum()
@@ -175,7 +175,7 @@ class GRPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    new_logprobs = step_logprobs(self.policy, ids, attn, start, idx, cfg, self.device, reused)
+                    new_logprobs = step_logprobs(self.policy, ids, attn, start, idx, cfg, self.device, reused)[0]
                     loss, loss_stats = ppo_policy_loss(
                         new_logprobs, scored.old_logprobs[idx], advantages[idx], mask[idx], grpo.clip_coef, token_count
                     )

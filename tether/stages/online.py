@@ -130,11 +130,11 @@ def first_step_reuses_old_pass(config: OnlineConfig, minibatch_size: int) -> boo
     return world().size == 1 and minibatch_size == rollout_size and micro == rollout_size
 
 
-def epoch_order(n: int, old_pass: Tensor | None, seed: int, step: int, epoch: int) -> Tensor:
+def epoch_order(n: int, reuses_old_pass: bool, seed: int, step: int, epoch: int) -> Tensor:
     """The row order of an epoch: a fresh shuffle, the same in every process, except the first
     epoch of an update that reuses the old pass, whose one minibatch takes the rows in that pass's
     order (the same rows: only the order of a sum changes)."""
-    if old_pass is not None and epoch == 0:
+    if reuses_old_pass and epoch == 0:
         return torch.arange(n)
     return torch.randperm(n, generator=shared_generator(seed, step, epoch))
 
@@ -147,15 +147,19 @@ def step_logprobs(
     idx: Tensor,
     config: OnlineConfig,
     device: torch.device,
-    reused: Tensor | None,
-) -> Tensor:
-    """The policy's (len(idx), R) log-probs of rows `idx` for an update's loss, with grad: `reused`,
-    the old log-probs' pass itself, when the step reuses it (then idx is every row in order), else
-    a fresh forward pass under the rollout temperature."""
+    reused: tuple[Tensor, ...] | None,
+    value_head: Any = None,
+) -> tuple[Tensor, ...]:
+    """The policy's (len(idx), R) log-probs of rows `idx` for an update's loss, with grad, and the
+    value head's (len(idx), R) values when there is one: `reused`, the old log-probs' pass itself,
+    when the step reuses it (then idx is every row in order), else a fresh forward pass under the
+    rollout temperature."""
     if reused is not None:
         return reused
     with autocast(device, config.model.dtype):
-        return response_logprobs(policy, ids[idx], attn[idx], response_start, config.rollout.temperature)[0]
+        return response_logprobs(
+            policy, ids[idx], attn[idx], response_start, config.rollout.temperature, value_head=value_head
+        )
 
 
 @dataclass(frozen=True)
@@ -170,9 +174,10 @@ class ScoredBatch:
     ref_logprobs: Tensor  # (B, R) reference log-probs, same temperature
     scores: Tensor  # (B,) reward sources plus the missing-EOS penalty
     parts: dict[str, Tensor]  # each reward source's (B,) share, "gold" included
-    # old_logprobs still attached to the policy's autograd graph, when the caller asked for it
-    # (`keep_graph`): the first update step (ppo, grpo) reuses that pass instead of repeating it.
-    attached_logprobs: Tensor | None = None
+    values: Tensor | None = None  # (B, R) the value head's, when sample_and_score was given one
+    # The old log-probs (and values) still attached to their autograd graph, when the caller asked
+    # for it (`keep_graph`): the first update step (ppo, grpo) reuses that pass instead of repeating it.
+    attached: tuple[Tensor, ...] | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -188,12 +193,14 @@ def sample_and_score(
     device: torch.device,
     timer: Timer,
     keep_graph: bool = False,
+    value_head: Any = None,
 ) -> ScoredBatch:
     """Sample `samples_per_prompt` responses to each prompt of `batch`, then score them.
 
     2. sample with the KV cache; each response is truncated after its first EOS
-    3. old log-probs (+ entropy) and reference log-probs, without grad, at the sampling temperature
-       (with `keep_graph` the old log-probs' pass records the graph: `attached_logprobs`)
+    3. old log-probs (+ entropy, + the values of `value_head`) and reference log-probs, without
+       grad, at the sampling temperature (with `keep_graph` the old log-probs' pass records the
+       graph: `attached`)
     4. scores: the reward sources on the decoded text (or token ids), plus the missing-EOS penalty
     """
     temperature = config.rollout.temperature
@@ -213,13 +220,14 @@ def sample_and_score(
     )
     ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     with torch.set_grad_enabled(keep_graph), autocast(device, config.model.dtype), timer("logprobs"):
-        policy_logprobs, entropy = in_chunks(
-            lambda i, m: response_logprobs(roles.policy, i, m, start, temperature, with_entropy=True),
+        policy_logprobs, entropy, *head_values = in_chunks(
+            lambda i, m: response_logprobs(roles.policy, i, m, start, temperature, True, value_head),
             ids,
             attn,
             micro,
         )
     old_logprobs = policy_logprobs.detach()
+    values = head_values[0].detach() if head_values else None
     with torch.no_grad(), autocast(device, config.model.dtype), timer("ref"):
         (ref_logprobs,) = in_chunks(
             lambda i, m: (roles.reference.logprobs(i, m, start, temperature),), ids, attn, micro
@@ -228,8 +236,10 @@ def sample_and_score(
     responses = decode_responses(roles.tokenizer, rollout, roles.eos_ids)
     with timer("score"):
         scores, parts = roles.rewards.score_rollout(rollout, prompt_texts, responses)
-    attached = policy_logprobs if keep_graph else None
-    return ScoredBatch(rollout, prompt_texts, responses, old_logprobs, entropy, ref_logprobs, scores, parts, attached)
+    attached = (policy_logprobs, *head_values) if keep_graph else None
+    return ScoredBatch(
+        rollout, prompt_texts, responses, old_logprobs, entropy, ref_logprobs, scores, parts, values, attached
+    )
 
 
 def gather_batch(scored: ScoredBatch, pad_id: int, *per_token: Tensor) -> tuple[ScoredBatch, list[Tensor]]:

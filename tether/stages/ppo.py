@@ -45,7 +45,7 @@ from tether.core import (
 from tether.core.losses import clipped_value_loss, ppo_policy_loss
 from tether.data import PromptSampler
 from tether.roles.batching import in_chunks
-from tether.roles.value import response_values
+from tether.roles.value import ValueHead, response_values
 from tether.rollout import Rollout
 from tether.runtime import (
     autocast,
@@ -79,6 +79,8 @@ from tether.stages.online import (
     write_checkpoint,
 )
 
+VALUE_HEAD_LR = 1e-3  # train.value_lr's default for model.critic=head (config.py)
+
 
 @dataclass(frozen=True)
 class Experience:
@@ -110,8 +112,14 @@ class PPOTrainer:
         self.roles = load_policy_roles(cfg, resume_from, self.device)
         self.tokenizer, self.policy = self.roles.tokenizer, self.roles.policy
         self.reference, self.rewards = self.roles.reference, self.roles.rewards
-        self.value_model = self._load_value_model(resume_from)
-        if cfg.model.lora is not None and self.rewards.shares_weights_with(self._value_source()):
+        # The critic: its own value model, or a head on the policy (model.critic).
+        self.value_head = self._load_value_head(resume_from) if cfg.model.critic == "head" else None
+        self.value_model = self._load_value_model(resume_from) if self.value_head is None else None
+        if (
+            self.value_model is not None
+            and cfg.model.lora is not None
+            and self.rewards.shares_weights_with(self._value_source())
+        ):
             # A LoRA value model starting from the reward model is the reward model's weights plus
             # an adapter: the reward model scores through it with the adapter off (one copy, not two).
             self.rewards.score_with_base_of(self.value_model)
@@ -123,12 +131,14 @@ class PPOTrainer:
 
         # Optimisation: one AdamW, a parameter group per trained model (each clipped on its own).
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.value_params = [p for p in self.value_model.parameters() if p.requires_grad]
+        self.value_params = [p for p in self._critic().parameters() if p.requires_grad]
+        # A value head is one linear layer: at a policy's learning rate it would hardly move.
+        value_lr = cfg.train.value_lr or (VALUE_HEAD_LR if self.value_head is not None else cfg.train.lr)
         rollout_size = cfg.train.batch_size * cfg.rollout.samples_per_prompt
         self.optimizer, self.scheduler = make_optimizer(
             [
                 {"params": self.policy_params, "lr": cfg.train.lr},
-                {"params": self.value_params, "lr": cfg.train.value_lr or cfg.train.lr},
+                {"params": self.value_params, "lr": value_lr},
             ],
             cfg.train.adam_eps,
             cfg.train.weight_decay,
@@ -161,18 +171,21 @@ class PPOTrainer:
         batch = shard(self.sampler.next_batch())
         reuse = first_step_reuses_old_pass(cfg, cfg.ppo.minibatch_size)
         scored = sample_and_score(
-            self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer, keep_graph=reuse
+            self.roles, cfg, self.prompts, self.prompt_ids, batch, self.device, timer, reuse, self.value_head
         )
 
-        # 3. (continued) Values of the sampled sequences, without grad.
-        with torch.no_grad(), autocast(self.device, cfg.model.dtype), timer("value"):
-            sampled = scored.rollout
-            (values,) = in_chunks(
-                lambda i, m: (response_values(self.value_model, i, m, sampled.response_start),),
-                sampled.input_ids,
-                sampled.attention_mask,
-                cfg.train.micro_batch_size,
-            )
+        # 3. (continued) Values of the sampled sequences, without grad: the value head's came with
+        # the old log-probs, a value model needs its own pass.
+        values = scored.values
+        if values is None:
+            with torch.no_grad(), autocast(self.device, cfg.model.dtype), timer("value"):
+                sampled = scored.rollout
+                (values,) = in_chunks(
+                    lambda i, m: (response_values(self.value_model, i, m, sampled.response_start),),
+                    sampled.input_ids,
+                    sampled.attention_mask,
+                    cfg.train.micro_batch_size,
+                )
         scored, (values,) = gather_batch(scored, self.roles.pad_id, values)  # the whole batch, in every process
         rollout, mask = scored.rollout, scored.mask  # mask: (B, R)
 
@@ -193,7 +206,7 @@ class PPOTrainer:
         # 7. PPO epochs over minibatches.
         lr = self.scheduler.get_last_lr()[0]
         with timer("train"):
-            update_stats = self._update(experience, scored.attached_logprobs)
+            update_stats = self._update(experience, scored.attached)
 
         # 8. Adapt the KL coefficient to the per-sequence KL this batch showed.
         sequence_kl = kl.sum(dim=1)  # (B,)
@@ -211,15 +224,15 @@ class PPOTrainer:
         }
         return metrics, batch_samples(scored, sequence_kl)
 
-    def _update(self, exp: Experience, old_pass: Tensor | None = None) -> dict[str, float]:
+    def _update(self, exp: Experience, old_pass: tuple[Tensor, ...] | None = None) -> dict[str, float]:
         """PPO epochs of shuffled minibatches; every minibatch is one optimizer step.
 
         A minibatch is processed in micro-batches whose losses are normalised by the minibatch's
         token count, so the accumulated gradient equals the whole minibatch's (RLHF-DETAILS 13).
         Under torchrun each process takes its share of every minibatch and the gradients are
         summed, so the step is the same for any number of processes. `old_pass`: the old
-        log-probs still attached to their graph, the first step's forward pass over every row in
-        rollout order (see online.first_step_reuses_old_pass).
+        log-probs (and a value head's values) still attached to their graph, the first step's
+        forward pass over every row in rollout order (see online.first_step_reuses_old_pass).
         """
         cfg = self.config
         rollout = exp.rollout
@@ -230,7 +243,7 @@ class PPOTrainer:
         totals: dict[str, float] = defaultdict(float)
         num_minibatches = 0
         for epoch in range(cfg.ppo.epochs):
-            order = epoch_order(n, old_pass, cfg.train.seed, self.step, epoch)
+            order = epoch_order(n, old_pass is not None, cfg.train.seed, self.step, epoch)
             reused = old_pass if epoch == 0 else None
             for mb_start in range(0, n, cfg.ppo.minibatch_size):
                 minibatch = order[mb_start : mb_start + cfg.ppo.minibatch_size].to(self.device)
@@ -240,7 +253,9 @@ class PPOTrainer:
                 stats: dict[str, float] = defaultdict(float)
                 for micro_start in range(0, len(mine), micro):
                     idx = mine[micro_start : micro_start + micro]
-                    new_logprobs = step_logprobs(self.policy, ids, attn, start, idx, cfg, self.device, reused)
+                    new_logprobs, *head_values = step_logprobs(
+                        self.policy, ids, attn, start, idx, cfg, self.device, reused, self.value_head
+                    )
                     pg_loss, pg_stats = ppo_policy_loss(
                         new_logprobs,
                         exp.old_logprobs[idx],
@@ -249,12 +264,16 @@ class PPOTrainer:
                         cfg.ppo.clip_coef,
                         token_count,
                     )
-                    # Policy and value have no parameter in common, so each loss is backpropagated
-                    # on its own: the gradients are those of pg_loss + vf_coef * vf_loss, and only
-                    # one model's activations are held at a time (the peak memory of the update).
+                    # Policy and critic have no parameter in common (a value head reads detached
+                    # features), so each loss is backpropagated on its own: the gradients are those
+                    # of pg_loss + vf_coef * vf_loss, and only one model's activations are held at a
+                    # time (the peak memory of the update).
                     pg_loss.backward()
-                    with autocast(self.device, cfg.model.dtype):
-                        new_values = response_values(self.value_model, ids[idx], attn[idx], start)
+                    if head_values:
+                        new_values = head_values[0]
+                    else:
+                        with autocast(self.device, cfg.model.dtype):
+                            new_values = response_values(self.value_model, ids[idx], attn[idx], start)
                     vf_loss, vf_stats = clipped_value_loss(
                         new_values,
                         exp.values[idx],
@@ -283,8 +302,21 @@ class PPOTrainer:
     # Models, checkpoints, diagnosis
     # ----------------------------------------------------------------------------------------
 
+    def _critic(self) -> Any:
+        """The trained critic: the value head, or the value model."""
+        return self.value_head if self.value_head is not None else self.value_model
+
     def _value_source(self) -> str:
         return self.config.model.value_model or self.config.reward.model or self.config.model.name
+
+    def _load_value_head(self, resume_from: Path | None) -> ValueHead:
+        if resume_from is not None:
+            head = ValueHead.from_pretrained(resume_from / "value")
+        else:
+            head = ValueHead(self.policy.get_output_embeddings().weight.shape[1])
+        head = head.to(self.device)
+        broadcast_trainable(head)
+        return head
 
     def _load_value_model(self, resume_from: Path | None) -> Any:
         cfg = self.config.model
@@ -304,8 +336,8 @@ class PPOTrainer:
         }
 
     def save_checkpoint(self, final: bool = False) -> Path:
-        """checkpoints/step-NNNNNN (or final/): the policy, the value model in value/, trainer state."""
-        models = {"": (self.policy, self.config.model.name), "value": (self.value_model, self._value_source())}
+        """checkpoints/step-NNNNNN (or final/): the policy, the critic in value/, trainer state."""
+        models = {"": (self.policy, self.config.model.name), "value": (self._critic(), self._value_source())}
         state = {key: part.state_dict() for key, part in self._stateful_parts().items()}
         return write_checkpoint(
             self.checkpoints, self.step, final, models, self.tokenizer, state, self.config.train.keep_last
@@ -315,7 +347,7 @@ class PPOTrainer:
         cfg = self.config.train
         last = self.guard.last_nonfinite
         bad = [name for name in ("policy", "val") if not math.isfinite(last.get(f"{name}/grad_norm", 0))]
-        which = " and ".join({"policy": "the policy", "val": "the value model"}[n] for n in bad) or "a model"
+        which = " and ".join({"policy": "the policy", "val": "the critic"}[n] for n in bad) or "a model"
         return (
             f"stopped at step {self.step}: the last {self.guard.nonfinite_streak} optimizer steps had a non-finite "
             f"gradient in {which} ({describe_update(last)}), so none was applied and the weights are "
