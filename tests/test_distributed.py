@@ -106,6 +106,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
         return [
             ["ppo", str(folder / tag / "ppo"), [*ppo, "train.steps=3"], False],
             ["ppo", str(folder / tag / "ppo-resumed"), [*ppo, "train.steps=2"], False],
+            ["ppo", str(folder / tag / "ppo-head"), [*ppo, "model.critic=head", "train.steps=2"], False],
             ["grpo", str(folder / tag / "grpo"), [*grpo, "train.steps=2"], False],
             ["sft", str(folder / tag / "sft"), [*offline, f"data.train={sft[0]}", f"data.eval={sft[1]}"], False],
             ["rm", str(folder / tag / "rm"), [*offline, f"data.train={prefs[0]}", f"data.eval={prefs[1]}"], False],
@@ -121,11 +122,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo", "sft", "rm", "dpo"])
+@pytest.mark.parametrize("stage", ["ppo", "ppo-head", "grpo", "sft", "rm", "dpo"])
 def test_two_processes_take_the_same_steps_as_one(runs: Path, stage: str):
     """Same global batch, same seed: the logged metrics of every step (losses, KL, advantages'
-    statistics, grad norms, eval) and the final weights match the single process's."""
-    rows = {"ppo": 3, "grpo": 2}.get(stage, 2)
+    statistics, grad norms, eval) and the final weights match the single process's. ppo-head:
+    model.critic=head, whose values come with each process's policy pass and are gathered."""
+    rows = {"ppo": 3}.get(stage, 2)
     assert_same_metrics(runs / "one" / stage, runs / "two" / stage, rows)
     assert_same_weights(runs / "one" / stage, runs / "two" / stage)
 

@@ -6,8 +6,9 @@
 One iteration (`PPOTrainer.iteration`):
   1. draw a batch of prompts (seeded, resumable order)
   2. sample responses with the policy (KV cache), truncate each after its first EOS
-  3. forward passes: old log-probs and entropy (policy), reference log-probs, values; without
-     grad, except the policy's when the first update step can reuse it (one minibatch, one micro-batch)
+  3. forward passes: old log-probs and entropy (policy), reference log-probs, values (a value
+     model's own pass, or a value head's read off the policy's); without grad, except the policy's
+     when the first update step can reuse it (one minibatch, one micro-batch)
   4. score the responses (reward model / function), add the missing-EOS penalty
   5. per-token rewards: -kl_coef * KL_t on every token, plus the score on the last one
   6. GAE advantages and returns (rewards whitened first if asked), advantages whitened
