@@ -140,11 +140,14 @@ def test_reference_stays_frozen_while_the_policy_moves(tiny_llama, task):
     assert not torch.allclose(policy_probe, ref_probe_after)
 
 
-def test_reward_rises_while_kl_stays_bounded(tiny_llama, task):
-    """'It learns': the share of the word 'good' (about 1/40 by chance) must rise clearly."""
+@pytest.mark.parametrize("critic", ["model", "head"])
+def test_reward_rises_while_kl_stays_bounded(tiny_llama, task, critic):
+    """'It learns': the share of the word 'good' (about 1/40 by chance) must rise clearly, with
+    either critic."""
     config = tiny_config(
         tiny_llama,
         task,
+        f"model.critic={critic}",
         "train.steps=40",
         "train.lr=3e-3",
         "train.lr_schedule=constant",
