@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tether.core import logprobs_and_entropy, logprobs_from_logits
 
@@ -116,3 +117,142 @@ def test_int32_token_ids_are_accepted():
         rtol=0.0,
         atol=0.0,
     )
+
+
+# --- the chunked autograd function: gradients, chunking, memory -----------------------------------
+
+
+def _plain_chain(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The textbook autograd chain the chunked function replaces."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [0.4, 1.0, 2.0])
+def test_gradient_equals_autograd_of_the_plain_chain(temperature):
+    logits, tokens = _batch(5)
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(6))
+    ours = logits.double().requires_grad_()
+    plain = logits.double().requires_grad_()
+    (logprobs_from_logits(ours, tokens, temperature) * weights).sum().backward()
+    (_plain_chain(plain, tokens, temperature) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    logits, tokens = _batch(7)
+    x = logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, tokens, 0.7), (x,))
+    assert torch.autograd.gradcheck(lambda z: logprobs_and_entropy(z, tokens, 0.7)[0], (x,))
+
+
+def test_entropy_carries_no_gradient():
+    logits, tokens = _batch(8)
+    x = logits.requires_grad_()
+    token_logp, entropy = logprobs_and_entropy(x, tokens, 1.0)
+    assert token_logp.requires_grad
+    assert not entropy.requires_grad
+
+
+@pytest.mark.parametrize("chunk_elements", [1, V, 2 * V + 3, 10**9])
+def test_chunk_size_changes_nothing(monkeypatch, chunk_elements):
+    # One position per chunk, exactly one, a ragged last chunk, everything at once: the same bits.
+    import tether.core.logprobs as module
+
+    logits, tokens = _batch(9)
+    expected_logp, expected_entropy = logprobs_and_entropy(logits, tokens, 0.7)
+    x = logits.clone().requires_grad_()
+    logprobs_from_logits(x, tokens, 0.7).sum().backward()
+    expected_grad = x.grad
+
+    monkeypatch.setattr(module, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    token_logp, entropy = logprobs_and_entropy(logits, tokens, 0.7)
+    x = logits.clone().requires_grad_()
+    logprobs_from_logits(x, tokens, 0.7).sum().backward()
+    torch.testing.assert_close(token_logp, expected_logp, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=0.0, atol=0.0)
+
+
+def test_gradient_is_zero_on_minus_inf_logits_and_finite_elsewhere():
+    logits = torch.tensor([[[0.0, 1.0, -float("inf")]]], requires_grad=True)
+    logprobs_from_logits(logits, torch.tensor([[0]]), 1.0).backward()
+    p0 = 1.0 / (1.0 + math.e)
+    torch.testing.assert_close(logits.grad, torch.tensor([[[1.0 - p0, -(1.0 - p0), 0.0]]]), **TIGHT)
+
+
+def test_bf16_logits_get_a_bf16_gradient_from_float32_math():
+    logits, tokens = _batch(10)
+    x = logits.to(torch.bfloat16).requires_grad_()
+    logprobs_from_logits(x, tokens, 0.7).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    reference = x.detach().float().requires_grad_()
+    _plain_chain(reference, tokens, 0.7).sum().backward()
+    torch.testing.assert_close(x.grad.float(), reference.grad.float(), rtol=1e-2, atol=1e-2)
+
+
+class _VocabSizedOutputs(TorchDispatchMode):
+    """Counts the ops whose output has at least `threshold` elements: the (B, T, V)-sized tensors."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            # A view or a detach shares its input's storage; only new storage is an allocation.
+            if t.numel() >= self.threshold and t.untyped_storage().data_ptr() not in given:
+                self.count += 1
+        return out
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, tuple | list):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+def _vocab_sized_allocations(fn, threshold: int) -> tuple[int, int]:
+    """(forward, backward) counts of new vocabulary-sized tensors made by fn()'s forward and the
+    backward of its sum."""
+    with _VocabSizedOutputs(threshold) as forward:
+        out = fn()
+    with _VocabSizedOutputs(threshold) as backward:
+        out.sum().backward()
+    return forward.count, backward.count
+
+
+def test_allocates_one_vocabulary_sized_tensor_the_gradient():
+    # The memory claim: forward makes no (B, T, V) tensor at all (only chunks of a few MiB), the
+    # backward makes exactly one, the gradient it returns. The textbook chain makes several.
+    logits = torch.randn(4, 64, 2**15, requires_grad=True)  # 32 positions per 2^20-element chunk
+    tokens = torch.randint(0, 2**15, (4, 64))
+    full = logits.numel()
+
+    def ours():
+        token_logp, _ = logprobs_and_entropy(logits, tokens, 0.7)
+        return token_logp
+
+    def plain():
+        logp = torch.log_softmax(logits / 0.7, dim=-1)
+        with torch.no_grad():
+            probs = logp.exp()
+            _ = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    assert _vocab_sized_allocations(ours, full) == (0, 1)
+    plain_forward, plain_backward = _vocab_sized_allocations(plain, full)
+    assert plain_forward >= 5 and plain_backward >= 3  # the counter sees them when they are there
+
+
+def test_logits_and_tokens_of_different_shapes_are_refused():
+    logits, tokens = _batch()
+    with pytest.raises(ValueError, match="do not match tokens"):
+        logprobs_from_logits(logits, tokens[:, :-1], 1.0)

@@ -4,6 +4,14 @@ Rollout, reference, old-policy and training forwards all call `logprobs_from_log
 rollout temperature. Dividing by the temperature anywhere else (or forgetting it somewhere) makes
 the PPO ratio and the KL to the reference wrong from the first step: the classic RLHF temperature
 bug (see "The N Implementation Details of RLHF with PPO", detail on temperature).
+
+Memory: the logits are the largest activation of an RLHF forward pass ((B, T, V), V ~ 50k-150k).
+The plain autograd chain (upcast, divide, log-softmax, gather) allocates several more tensors of
+that size and keeps the log-softmax for the backward; the entropy adds three more, and the backward
+another three. Here a custom autograd function walks the positions in chunks: it keeps only the
+logits it was given, and every vocabulary-sized temporary is one chunk's (a few MiB). The results
+are the same numbers (the same log-softmax, row by row); the backward is the closed form
+d log p(token) / d logit_v = (1[v = token] - p_v) / temperature.
 """
 
 from __future__ import annotations
@@ -11,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _tempered_log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
-    # Upcast: bf16 log-softmax over a 50k vocabulary loses the small differences PPO's ratio needs.
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+# Vocabulary entries per chunk (x 4 bytes in float32). On the CPU 2^20 keeps each temporary at
+# 4 MiB: cache-friendly, and below glibc's mmap threshold (32 MiB), so chunks reuse the heap instead
+# of mapping and page-faulting fresh memory each time. On a GPU every chunk is a few kernel
+# launches, so chunks are larger there.
+CPU_CHUNK_ELEMENTS = 2**20
+ACCELERATOR_CHUNK_ELEMENTS = 2**26
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
@@ -24,23 +32,88 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> 
 
     logits: (B, T, V) — the logits that *predict* `tokens` (already shifted by one).
     tokens: (B, T) token ids.
-    returns (B, T) float32.
+    returns (B, T) float32 (float64 for float64 logits), differentiable with respect to `logits`.
     """
-    logp = _tempered_log_softmax(logits, temperature)
-    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return _tempered_token_logprobs(logits, tokens, temperature, with_entropy=False)[0]
 
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Like `logprobs_from_logits`, plus the entropy (nats) of the tempered distribution.
 
-    Shares one log-softmax so the entropy costs one extra (B, T, V) product, not a second softmax.
+    The entropy is a measurement, never a loss term: it carries no gradient.
     returns ((B, T), (B, T)) float32.
     """
-    logp = _tempered_log_softmax(logits, temperature)
-    token_logp = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    # A measurement, never a loss term: no graph (it would hold two more (B, T, V) tensors).
-    with torch.no_grad():
-        probs = logp.exp()
-        # 0 * log 0 is 0 here, not NaN: logits masked to -inf must not poison the entropy.
-        entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
+    token_logp, entropy = _tempered_token_logprobs(logits, tokens, temperature, with_entropy=True)
     return token_logp, entropy
+
+
+def _tempered_token_logprobs(
+    logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to define log-probs, got {temperature}")
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    elements = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    rows_per_chunk = max(1, elements // max(1, logits.shape[-1]))
+    token_logp, entropy = _TemperedTokenLogprobs.apply(logits, tokens, temperature, with_entropy, rows_per_chunk)
+    return token_logp, entropy
+
+
+def _math_dtype(logits: Tensor) -> torch.dtype:
+    # Upcast: a bf16 log-softmax over a 50k vocabulary loses the small differences PPO's ratio needs.
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class _TemperedTokenLogprobs(torch.autograd.Function):
+    """(logits (B, T, V), tokens (B, T)) -> (log-probs (B, T), entropy (B, T) or an empty tensor),
+    computed `rows_per_chunk` positions at a time."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: Tensor,
+        tokens: Tensor,
+        temperature: float,
+        with_entropy: bool,
+        rows_per_chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        dtype = _math_dtype(logits)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        flat_tokens = tokens.reshape(-1, 1).long()
+        n = flat_logits.shape[0]
+        token_logp = torch.empty(tokens.shape, dtype=dtype, device=logits.device)
+        entropy = torch.empty(tokens.shape if with_entropy else (0,), dtype=dtype, device=logits.device)
+        flat_logp, flat_entropy = token_logp.view(-1), entropy.view(-1)
+        for start in range(0, n, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            logp = torch.log_softmax(flat_logits[rows].to(dtype) / temperature, dim=-1)
+            flat_logp[rows] = logp.gather(-1, flat_tokens[rows]).squeeze(-1)
+            if with_entropy:
+                probs = logp.exp()
+                # 0 * log 0 is 0 here, not NaN: logits masked to -inf must not poison the entropy.
+                flat_entropy[rows] = -torch.where(probs > 0, probs * logp, torch.zeros_like(logp)).sum(-1)
+        ctx.save_for_backward(logits, flat_tokens)
+        ctx.temperature = temperature  # type: ignore[attr-defined]
+        ctx.rows_per_chunk = rows_per_chunk  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(entropy)
+        return token_logp, entropy
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_logp: Tensor, _grad_entropy: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        logits, flat_tokens = ctx.saved_tensors  # type: ignore[attr-defined]
+        temperature: float = ctx.temperature  # type: ignore[attr-defined]
+        rows_per_chunk: int = ctx.rows_per_chunk  # type: ignore[attr-defined]
+        dtype = _math_dtype(logits)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        # d/dz_v of log softmax(z)_token is 1[v = token] - softmax(z)_v, and z = logits / temperature.
+        scale = grad_logp.reshape(-1, 1).to(dtype) / temperature
+        grad = torch.empty_like(flat_logits)
+        for start in range(0, flat_logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            probs = torch.softmax(flat_logits[rows].to(dtype) / temperature, dim=-1)
+            chunk_grad = probs.mul_(-scale[rows]).scatter_add_(-1, flat_tokens[rows], scale[rows])
+            grad[rows] = chunk_grad
+        return grad.view_as(logits), None, None, None, None
