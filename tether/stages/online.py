@@ -60,7 +60,6 @@ from tether.runtime import (
     broadcast_trainable,
     gather_objects,
     is_main,
-    release_freed_memory,
     restore_rng_states,
     rng_states_of_all_ranks,
     shared_generator,
@@ -576,9 +575,7 @@ def run_loop(name: str, stage: OnlineStage) -> Path:
 
 
 class Timer:
-    """Wall-clock seconds per named phase of an iteration. The end of each phase is also where the
-    heap's freed pages go back to the OS (runtime.release_freed_memory): the phases' tensors are
-    dead by then, and doing it here keeps the peak resident set from creeping up between them."""
+    """Wall-clock seconds per named phase of an iteration."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -591,7 +588,6 @@ class Timer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-            release_freed_memory()  # after the clock stops: a phase is timed for its own work
 
     def total(self) -> float:
         return time.perf_counter() - self._start
