@@ -1,5 +1,6 @@
 """Sampling responses: batched generation with the KV cache, then the frozen Rollout record.
 
+A LoRA policy samples with its adapter merged into the base weights (roles/policy.py).
 Prompts are left-padded so that every response starts in the same column; `generate` derives
 position ids from the attention mask, and every later forward pass does the same
 (roles/batching.py). Each response is truncated after its first EOS (RLHF-DETAILS 5).
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
+
+from tether.roles.policy import adapter_merged_for_sampling
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,12 @@ def generate(
         return_dict_in_generate=True,
         output_scores=return_logprobs,
     )
-    out = model.generate(
-        input_ids=prompt_ids.to(device),
-        attention_mask=prompt_mask.long().to(device),
-        generation_config=generation_config,
-    )
+    with adapter_merged_for_sampling(model):
+        out = model.generate(
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask.long().to(device),
+            generation_config=generation_config,
+        )
     response_ids = out.sequences[:, prompt_ids.shape[1] :].cpu()
     response_ids, response_mask, finished = truncate_after_eos(response_ids, eos_ids, pad_id)
     logprobs = None
