@@ -5,8 +5,11 @@
 
 The settings of compare_trl.py (8 prompts x 1 response, 32 new tokens, one minibatch, float32), the
 demo's reward model (`make demo` first) and 1 PPO epoch. Prints, for every phase the trainer times,
-its seconds, the current resident set and the process's peak so far (GiB): where memory is held and
-whether it keeps growing from one iteration to the next (heap fragmentation does).
+its seconds, the current resident set and the process's peak so far (GiB), and the kernel time and
+minor page faults it cost: where memory is held, whether it keeps growing from one iteration to the
+next (heap fragmentation does), and how much of a phase is the OS handing pages back in (on a VM a
+fault can cost tens of microseconds). Setting any MALLOC_* variable, as the second command does,
+turns tether's own heap policy (runtime.keep_freed_memory) off.
 """
 
 from __future__ import annotations
@@ -46,10 +49,16 @@ def main() -> None:
 
     @contextmanager
     def timed_and_measured(self: online.Timer, name: str) -> Iterator[None]:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         with timed(self, name):
             yield
+        after = resource.getrusage(resource.RUSAGE_SELF)
         current, peak = resident_gib()
-        print(f"  {name:10s} {self.seconds[name]:6.2f} s   now {current:.2f} GiB   peak {peak:.2f} GiB", flush=True)
+        print(
+            f"  {name:10s} {self.seconds[name]:6.2f} s   now {current:.2f} GiB   peak {peak:.2f} GiB"
+            f"   system {after.ru_stime - before.ru_stime:5.2f} s   minor faults {after.ru_minflt - before.ru_minflt}",
+            flush=True,
+        )
 
     online.Timer.__call__ = timed_and_measured  # type: ignore[method-assign]
     overrides = [
