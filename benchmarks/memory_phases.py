@@ -8,8 +8,9 @@ demo's reward model (`make demo` first) and 1 PPO epoch. Prints, for every phase
 its seconds, the current resident set and the process's peak so far (GiB), and the kernel time and
 minor page faults it cost: where memory is held, whether it keeps growing from one iteration to the
 next (heap fragmentation does), and how much of a phase is the OS handing pages back in (on a VM a
-fault can cost tens of microseconds). Setting any MALLOC_* variable, as the second command does,
-turns tether's own heap policy (runtime.keep_freed_memory) off.
+fault can cost tens of microseconds). Setting one of glibc's heap variables (MALLOC_MMAP_THRESHOLD_,
+MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_), as the second command does, turns
+tether's own heap policy (runtime.keep_freed_memory) off.
 """
 
 from __future__ import annotations
