@@ -43,10 +43,12 @@ def _second_round(mode: str, extra_env: dict[str, str] | None = None) -> dict[st
 def test_keep_freed_memory_reuses_the_working_set_without_page_faults():
     kept = _second_round("keep")
     assert kept["applied"] is True
-    assert kept["faults"] < 0.1 * WORKING_SET_PAGES, kept
-    # The same program on glibc's defaults faults most of it in again: the check can fail.
+    # Not zero: the allocations around the tensors vary a little from run to run, and now and then
+    # the 64 MiB tensor no longer fits the freed space and takes fresh pages (14% of the set).
+    assert kept["faults"] < 0.25 * WORKING_SET_PAGES, kept
+    # The same program on glibc's defaults faults nearly all of it in again: the check can fail.
     default = _second_round("default")
-    assert default["faults"] > 0.5 * WORKING_SET_PAGES, default
+    assert default["faults"] > 0.75 * WORKING_SET_PAGES, default
 
 
 @pytest.mark.skipif(runtime._mallopt is None, reason="needs glibc's mallopt")

@@ -78,7 +78,8 @@ _GLIBC_HEAP_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_TH
 def keep_freed_memory() -> bool:
     """Make glibc keep the memory tensors free for the next tensors, as a GPU caching allocator
     does, instead of handing it back to the OS and page-faulting it in again. Returns whether it
-    applied: glibc only, and never over a user's own MALLOC_* settings.
+    applied: glibc only, and never when the user set one of glibc's heap variables
+    (`_GLIBC_HEAP_ENV`).
 
     An RLHF iteration allocates and frees the same working set every time (activations, logits,
     gradients: ~1.5 GiB for LoRA PPO on the embedded model). By default glibc maps every tensor

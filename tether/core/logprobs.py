@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 # Vocabulary entries per chunk (x 4 bytes in float32). On the CPU 2^20 keeps each temporary at
-# 4 MiB: cache-friendly, and below glibc's mmap threshold (32 MiB), so chunks reuse the heap instead
-# of mapping and page-faulting fresh memory each time. On a GPU every chunk is a few kernel
-# launches, so chunks are larger there.
+# 4 MiB, small enough to stay in cache and to reuse the same heap memory chunk after chunk. On a GPU
+# every chunk is a few kernel launches, so chunks are larger there.
 CPU_CHUNK_ELEMENTS = 2**20
 ACCELERATOR_CHUNK_ELEMENTS = 2**26
 

@@ -112,10 +112,10 @@ def adapter_merged_for_sampling(model: Any) -> Iterator[bool]:
         p for module in model.modules() if isinstance(module, LoraLayer) for p in module.get_base_layer().parameters()
     ]
     saved = [p.detach().clone() for p in base_parameters]
-    model.merge_adapter()
     try:
+        model.merge_adapter()
         yield True
-    finally:
+    finally:  # also after a merge that failed part-way: peft unmerges only the layers it merged
         model.unmerge_adapter()
         with torch.no_grad():
             for p, original in zip(base_parameters, saved, strict=True):
@@ -127,4 +127,4 @@ def _merges_exactly_enough(model: Any) -> bool:
         return False
     parameters = list(model.parameters())
     device_type = parameters[0].device.type if parameters else "cpu"
-    return torch.is_autocast_enabled(device_type) is False and all(p.dtype == torch.float32 for p in parameters)
+    return not torch.is_autocast_enabled(device_type) and all(p.dtype == torch.float32 for p in parameters)
