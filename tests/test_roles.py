@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft.tuners.lora import LoraLayer
 
 from tether.config import LoraConfig
 from tether.data import Prompt, encode_prompt
 from tether.models import eos_token_ids, load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
-from tether.roles.policy import adapter_merged_for_sampling, add_lora, response_logprobs
+from tether.roles.policy import add_lora, response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import sequence_scores
 from tether.roles.value import ValueHead, backbone_hidden, response_values
@@ -241,55 +240,3 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(tiny_llama):
     with torch.no_grad():
         (after_blocks,) = response_logprobs(policy, *args)
     torch.testing.assert_close(after_blocks[mask], policy_after[mask], atol=0, rtol=0)
-
-
-def _moved_lora_policy(path):
-    tokenizer = load_tokenizer(str(path))
-    policy = add_lora(load_causal_lm(str(path), tokenizer), LoraConfig(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return tokenizer, policy
-
-
-def test_lora_policy_samples_merged_from_the_trained_policy_and_its_base_stays_exact(tiny_llama):
-    """Sampling merges the adapter (one matmul per layer per token), yet what is sampled follows the
-    unmerged policy's own distribution, and afterwards every weight is bit-for-bit what it was
-    (peft's unmerge alone is not exact: that is checked too, so this test can fail)."""
-    tokenizer, policy = _moved_lora_policy(tiny_llama)
-    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
-    with adapter_merged_for_sampling(policy) as merged:
-        assert merged
-        assert all(m.merged for m in policy.modules() if isinstance(m, LoraLayer))
-    assert not any(m.merged for m in policy.modules() if isinstance(m, LoraLayer))
-
-    torch.manual_seed(0)
-    rollout, sampled = generate(
-        policy, _prompt_ids(tokenizer), 2, 12, 0.8, tokenizer.pad_token_id, [tokenizer.eos_token_id], True
-    )
-    assert all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
-    with torch.no_grad():
-        (unmerged,) = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.8)
-        with policy.disable_adapter():
-            (base,) = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.8)
-    mask = rollout.response_mask
-    torch.testing.assert_close(sampled[mask], unmerged[mask], atol=1e-5, rtol=0)
-    assert (sampled[mask] - base[mask]).abs().max() > 1e-2  # the adapter matters to what was sampled
-
-    # peft's own merge + unmerge round trip drifts the base weights: the copy is what keeps them.
-    for _ in range(3):
-        policy.merge_adapter()
-        policy.unmerge_adapter()
-    assert not all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
-
-
-def test_only_float32_lora_policies_are_merged_for_sampling(tiny_llama):
-    tokenizer, policy = _moved_lora_policy(tiny_llama)
-    with adapter_merged_for_sampling(load_causal_lm(str(tiny_llama), tokenizer)) as merged:
-        assert not merged  # no adapter
-    with torch.autocast("cpu", dtype=torch.bfloat16), adapter_merged_for_sampling(policy) as merged:
-        assert not merged  # bf16 matmuls would round a small update away
-    with adapter_merged_for_sampling(policy.to(torch.bfloat16)) as merged:
-        assert not merged

@@ -1,9 +1,9 @@
 """Sampling responses: batched generation with the KV cache, then the frozen Rollout record.
 
-A LoRA policy samples with its adapter merged into the base weights (roles/policy.py).
 Prompts are left-padded so that every response starts in the same column; `generate` derives
 position ids from the attention mask, and every later forward pass does the same
-(roles/batching.py). Each response is truncated after its first EOS (RLHF-DETAILS 5).
+(roles/batching.py). Each response is truncated after its first EOS (RLHF-DETAILS 5). While
+sampling, linear layers run on weights prepared once per call (sampling_linears.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from tether.roles.policy import adapter_merged_for_sampling
+from tether.sampling_linears import sampling_linears
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def generate(
         return_dict_in_generate=True,
         output_scores=return_logprobs,
     )
-    with adapter_merged_for_sampling(model):
+    with sampling_linears(model):
         out = model.generate(
             input_ids=prompt_ids.to(device),
             attention_mask=prompt_mask.long().to(device),

@@ -6,10 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -88,43 +86,3 @@ def lm_head_input(model: Any) -> Iterator[list[Tensor]]:
         yield seen
     finally:
         handle.remove()
-
-
-@contextmanager
-def adapter_merged_for_sampling(model: Any) -> Iterator[bool]:
-    """Within the block a LoRA policy runs with its adapter merged into the base weights; after it,
-    the base weights are bit-for-bit what they were. Yields whether it merged.
-
-    Sampling calls the model once per token, and an unmerged LoRA layer is several small ops more
-    than a plain linear: on the embedded model a rollout of 32 tokens took 1-2 s longer than the
-    same model without an adapter (benchmarks/README.md). Merged, the forward is one matmul per
-    layer. peft's unmerge subtracts the update again, which is not exact in floating point, so the
-    base weights are copied first and written back afterwards: the frozen base (which is also the
-    reference model) never drifts.
-
-    Only float32 arithmetic merges: in bf16 or fp16 (weights or autocast), W + BA would round away
-    most of a young adapter's small update, so sampling would lag the trained policy.
-    """
-    if not _merges_exactly_enough(model):
-        yield False
-        return
-    base_parameters = [
-        p for module in model.modules() if isinstance(module, LoraLayer) for p in module.get_base_layer().parameters()
-    ]
-    saved = [p.detach().clone() for p in base_parameters]
-    try:
-        model.merge_adapter()
-        yield True
-    finally:  # also after a merge that failed part-way: peft unmerges only the layers it merged
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for p, original in zip(base_parameters, saved, strict=True):
-                p.copy_(original)
-
-
-def _merges_exactly_enough(model: Any) -> bool:
-    if not isinstance(model, PeftModel):
-        return False
-    parameters = list(model.parameters())
-    device_type = parameters[0].device.type if parameters else "cpu"
-    return not torch.is_autocast_enabled(device_type) and all(p.dtype == torch.float32 for p in parameters)
