@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from tether.roles.shared_prefix import prefix_pass, split_shared_prefix
 from tether.sampling_linears import sampling_linears
 
 
@@ -141,11 +142,8 @@ def generate(
         output_scores=return_logprobs,
     )
     with sampling_linears(model):
-        out = model.generate(
-            input_ids=prompt_ids.to(device),
-            attention_mask=prompt_mask.long().to(device),
-            generation_config=generation_config,
-        )
+        inputs = _inputs_sharing_prefix(model, prompt_ids.to(device), prompt_mask.to(device))
+        out = model.generate(**inputs, generation_config=generation_config)
     response_ids = out.sequences[:, prompt_ids.shape[1] :].cpu()
     response_ids, response_mask, finished = truncate_after_eos(response_ids, eos_ids, pad_id)
     logprobs = None
@@ -162,6 +160,22 @@ def generate(
         prompt_index=prompt_index,
     )
     return rollout, logprobs
+
+
+def _inputs_sharing_prefix(model: Any, prompt_ids: Tensor, prompt_mask: Tensor) -> dict[str, Any]:
+    """generate's inputs, with the prompt prefix every row shares already in a KV cache (computed
+    once, not once per row: roles/shared_prefix.py). The rows are then [prefix | padding | rest of
+    the prompt]; the mask marks the padding and generate derives position ids from it, so every
+    token keeps its position. The prompt width is unchanged, so responses start where they did."""
+    plain = {"input_ids": prompt_ids, "attention_mask": prompt_mask.long()}
+    split = split_shared_prefix(prompt_ids, prompt_mask)
+    if split is None:
+        return plain
+    _, cache = prefix_pass(model, split, len(prompt_ids), logits_to_keep=1)
+    if cache is None:
+        return plain
+    ids = torch.cat([split.prefix_ids.expand(len(prompt_ids), -1), split.rest_ids], dim=1)
+    return {"input_ids": ids, "attention_mask": split.attention_mask.long(), "past_key_values": cache}
 
 
 def decode_responses(tokenizer: Any, rollout: Rollout, eos_ids: list[int]) -> list[str]:

@@ -13,7 +13,8 @@ from transformers import PreTrainedModel
 
 from tether.config import LoraConfig
 from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits
-from tether.roles.batching import forward_trimmed, position_ids_from_mask
+from tether.roles.batching import forward_trimmed
+from tether.roles.shared_prefix import forward_sharing_prefix
 
 
 def add_lora(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftModel:
@@ -48,13 +49,15 @@ def response_logprobs(
     def forward(ids: Tensor, mask: Tensor, response_len: int) -> tuple[Tensor, ...]:
         # Only the logits that predict response tokens: the last R + 1 positions minus the final
         # one. Skipping the prompt's logits saves the LM head (vocab x hidden) on every prompt token.
+        # The prompt prefix every row shares (a chat template's system message) is computed once.
         with lm_head_input(model if value_head is not None else None) as hidden:
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
+            out, _, _ = forward_sharing_prefix(
+                model,
+                ids,
+                mask,
+                shareable_columns=ids.shape[1] - response_len,
+                prefix_kwargs={"logits_to_keep": 1},
                 logits_to_keep=response_len + 1,
-                use_cache=False,
             )
         logits = out.logits[:, :-1]  # (B, r, V)
         tokens = ids[:, -response_len:]
@@ -65,7 +68,7 @@ def response_logprobs(
         )
         if value_head is not None:
             # The state before token t is read where the logits predicting t are: the same positions.
-            outputs = (*outputs, value_head(hidden[0][:, :-1]))
+            outputs = (*outputs, value_head(hidden[-1][:, :-1]))  # the last call: the prefix's comes first
         return outputs
 
     return forward_trimmed(forward, input_ids, attention_mask, response_start)

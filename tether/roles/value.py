@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tether.models import scalar_head
-from tether.roles.batching import forward_trimmed, position_ids_from_mask
+from tether.roles.batching import forward_trimmed
+from tether.roles.shared_prefix import expand_to_columns, forward_sharing_prefix
 
 
 def backbone_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -27,12 +28,11 @@ def backbone_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Te
     runs the body and applies the head (`models.scalar_head`) where it wants.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    # The prompt prefix every row shares is computed once (roles/shared_prefix.py).
+    rest, prefix, split = forward_sharing_prefix(inner.base_model, input_ids, attention_mask)
+    if split is None:
+        return rest.last_hidden_state
+    return expand_to_columns(prefix.last_hidden_state, rest.last_hidden_state, split)
 
 
 def response_values(model: Any, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:

@@ -1,0 +1,145 @@
+"""A forward pass that computes the prompt prefix every row shares once, not once per row.
+
+Chat templates put the same tokens in front of every prompt: SmolLM2's default system message and
+the turn markers are 24 of the 35-46 prompt tokens of the shipped prompts, about a third of every
+sequence the roles read. In a causal model a prefix's hidden states and keys/values depend only on
+the prefix itself (its positions are 0..c-1 in every row, padding comes before it), so one row's
+forward of the prefix gives every row's. Its KV cache, repeated over the batch, is the past of a
+second forward over the rest of each row. With grad, backward sums the rows' gradients through the
+repeat: the same gradient as B separate copies of the prefix.
+
+Layout of the second pass: each row minus its first c real tokens, its left padding kept, so the
+padding now sits between the prefix and the rest of the prompt; the attention mask says so and the
+position ids continue from c over real tokens only, as `generate` derives them. Outputs differ from
+the plain pass by float rounding only (the sums of attention and matmuls run over differently shaped
+blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.roles.batching import position_ids_from_mask
+
+# Below this many shared tokens the prefix's own forward call (one more pass through every layer,
+# with a single row) costs about what it saves.
+MIN_SHARED_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class PrefixSplit:
+    """A (B, L) batch as one shared prefix (c tokens) and B rests (L - c columns each)."""
+
+    prefix_ids: Tensor  # (1, c)
+    rest_ids: Tensor  # (B, L - c): each row without its first c real tokens, its padding kept
+    rest_positions: Tensor  # (B, L - c): the positions those tokens had in the full row
+    attention_mask: Tensor  # (B, L): c ones for the prefix, then the rests' mask
+    order: Tensor  # (B, L) long: column j of [prefix | rest] came from column order[:, j]
+
+    @property
+    def length(self) -> int:
+        return self.prefix_ids.shape[1]
+
+
+def split_shared_prefix(
+    input_ids: Tensor, attention_mask: Tensor, shareable_columns: int | None = None
+) -> PrefixSplit | None:
+    """The longest run of leading real tokens all rows share, if it is worth sharing (None if not).
+
+    Each row's real tokens must start at its first real column and run on without gaps over the
+    prefix. shareable_columns: only tokens in columns before it may be shared (the prompt block),
+    and every row keeps at least one real token there, so the position that predicts its first
+    later token stays in the rest. None: the whole row, keeping one real token.
+    """
+    batch, width = input_ids.shape
+    if batch < 2:
+        return None
+    real = attention_mask.bool()
+    block = real[:, :shareable_columns] if shareable_columns is not None else real
+    available = int(block.sum(dim=1).min()) - 1  # at least one real token of the block stays in every rest
+    if available < MIN_SHARED_TOKENS:
+        return None
+    first = real.long().argmax(dim=1)  # (B,) first real column
+    columns = first[:, None] + torch.arange(available, device=input_ids.device)  # (B, available)
+    tokens = input_ids.gather(1, columns)
+    same = (tokens == tokens[:1]).all(dim=0) & real.gather(1, columns).all(dim=0)  # (available,)
+    length = int(same.long().cumprod(dim=0).sum())
+    if length < MIN_SHARED_TOKENS:
+        return None
+
+    all_columns = torch.arange(width, device=input_ids.device).expand(batch, width)
+    in_prefix = (all_columns >= first[:, None]) & (all_columns < first[:, None] + length)
+    rest = ~in_prefix
+    rest_mask = attention_mask[rest].view(batch, width - length)
+    return PrefixSplit(
+        prefix_ids=input_ids[:1, first[0] : first[0] + length],
+        rest_ids=input_ids[rest].view(batch, width - length),
+        rest_positions=position_ids_from_mask(attention_mask)[rest].view(batch, width - length),
+        attention_mask=torch.cat([torch.ones_like(rest_mask[:, :1]).expand(batch, length), rest_mask], dim=1),
+        order=torch.cat([columns[:, :length], all_columns[rest].view(batch, width - length)], dim=1),
+    )
+
+
+def forward_sharing_prefix(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    shareable_columns: int | None = None,
+    prefix_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, PrefixSplit | None]:
+    """model(...) over the batch, its shared prompt prefix computed once.
+
+    Returns (output over the rest, output over the prefix, split). Without a prefix worth sharing:
+    (the plain pass's output, None, None). Outputs indexed from the end (`logits_to_keep`,
+    the last R positions) are the plain pass's; `expand_to_columns` rebuilds full-width hidden
+    states. prefix_kwargs: extra arguments for the prefix call only (e.g. logits_to_keep=1).
+    """
+    split = split_shared_prefix(input_ids, attention_mask, shareable_columns)
+    if split is not None:
+        prefix, cache = prefix_pass(model, split, input_ids.shape[0], **(prefix_kwargs or {}))
+        if cache is not None:  # a model without a KV cache gets the plain pass
+            rest = model(
+                input_ids=split.rest_ids,
+                attention_mask=split.attention_mask,
+                position_ids=split.rest_positions,
+                past_key_values=cache,
+                use_cache=False,
+                **kwargs,
+            )
+            return rest, prefix, split
+    plain = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+    return plain, None, None
+
+
+def prefix_pass(model: Any, split: PrefixSplit, batch_size: int, **kwargs: Any) -> tuple[Any, Any]:
+    """(model's output over the prefix, its KV cache repeated for batch_size rows); the cache is
+    None for a model that returns none."""
+    prefix = model(
+        input_ids=split.prefix_ids,
+        position_ids=torch.arange(split.length, device=split.prefix_ids.device)[None],
+        use_cache=True,
+        **kwargs,
+    )
+    cache = getattr(prefix, "past_key_values", None)
+    if cache is not None:
+        cache.batch_repeat_interleave(batch_size)
+    return prefix, cache
+
+
+def expand_to_columns(prefix_states: Tensor, rest_states: Tensor, split: PrefixSplit) -> Tensor:
+    """(1, c, H) prefix and (B, L - c, H) rest states -> (B, L, H) in the original columns."""
+    batch = rest_states.shape[0]
+    stacked = torch.cat([prefix_states.expand(batch, -1, -1), rest_states], dim=1)  # columns in `order`
+    back = split.order.argsort(dim=1)  # original column -> its place in `order`
+    return stacked.gather(1, back[:, :, None].expand(-1, -1, stacked.shape[2]))
