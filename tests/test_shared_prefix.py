@@ -140,14 +140,20 @@ def test_value_model_and_reward_model_read_the_same_with_a_shared_prefix(tiny_ll
     assert shared[1].std() > 0  # the scores are not a constant the test would match anyway
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_gpt2"])
-def test_generation_with_a_cached_prefix_samples_the_policy(request, monkeypatch, model_fixture):
+@pytest.mark.parametrize(("model_fixture", "lora"), [("tiny_llama", False), ("tiny_gpt2", False), ("tiny_llama", True)])
+def test_generation_with_a_cached_prefix_samples_the_policy(request, monkeypatch, model_fixture, lora):
     """generate starts from the shared prefix's KV cache: the rollout keeps the usual layout, the
     log-probs generate sampled from are the policy's own (recomputed by the training forward), and
     the prefix pass really ran."""
     path = str(request.getfixturevalue(model_fixture))
     tokenizer = load_tokenizer(path)
     policy = load_causal_lm(path, tokenizer)
+    if lora:  # a moved adapter: sampling folds it into W + dW (sampling_linears.py) on top of the cache
+        policy = add_lora(policy, LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.2)
     calls = []
     real_prefix_pass = rollout_module.prefix_pass
     monkeypatch.setattr(
