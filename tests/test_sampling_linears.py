@@ -11,19 +11,14 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 import tether.sampling_linears as sampling
+from tests.test_roles import _prompt_ids
 from tether.config import LoraConfig
-from tether.data import Prompt, encode_prompt
 from tether.models import load_causal_lm, load_tokenizer
 from tether.roles.policy import add_lora, response_logprobs
 from tether.rollout import generate, left_pad
 from tether.sampling_linears import sampling_linears
 
-TEXTS = ["hello world", "tell me about the big red cat please", "why", "one two three four five six"]
 ONEDNN = sampling._onednn_usable("cpu")
-
-
-def _prompt_ids(tokenizer):
-    return [encode_prompt(tokenizer, Prompt(({"role": "user", "content": t},), t), True, 64) for t in TEXTS]
 
 
 def _moved_lora_policy(path, dora=False):
