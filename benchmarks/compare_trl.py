@@ -20,8 +20,10 @@ gradient clipping (TRL's loop never clips), a missing-EOS penalty of -1. LoRA is
 linear layers, for the policy and the value model alike (tether's LoRA mode adapts both; TRL's trainer
 only adapts the policy it is given a peft_config for, so its value model is wrapped here the same way).
 
-Speed mode: seconds per PPO iteration (median of the iterations after the first, a warm-up), one
-iteration timed from end to end (rollout, scoring, update; TRL's by a callback at each step end),
+Speed mode: seconds per PPO iteration (median of the iterations after the first, a warm-up, over
+every round: `--rounds N` runs the systems one after the other N times, and the table adds each
+round's ratio, so the speed of a VM that drifts over an hour shows as spread), one iteration timed
+from end to end (rollout, scoring, update; TRL's by a callback at each step end),
 generated tokens per second (response tokens up to and including EOS / iteration seconds), peak
 resident memory. Prints a Markdown table with the ratios and writes results/compare_trl.json.
 
@@ -400,16 +402,31 @@ def lr_for(variant: str, args: argparse.Namespace) -> float:
     return float(args.lr_lora if variant == "lora" else args.lr_full)
 
 
-def summarise(result: dict[str, Any], batch_size: int) -> dict[str, float]:
-    rows = result["iterations"]
-    measured = rows[1:] or rows  # the first iteration pays one-off warm-up costs
+def measured_iterations(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = result["iterations"]
+    return rows[1:] or rows  # the first iteration pays one-off warm-up costs
+
+
+def summarise(results: list[dict[str, Any]], batch_size: int) -> dict[str, float]:
+    """One system's runs (one per round) as medians over all their measured iterations."""
+    measured = [row for result in results for row in measured_iterations(result)]
     return {
         "s_per_iteration": statistics.median(r["seconds"] for r in measured),
         "rollout_s": statistics.median(r["rollout_s"] for r in measured),
         "tokens_per_s": statistics.median(r["response_tokens"] / r["seconds"] for r in measured),
         "tokens_per_response": statistics.mean(r["response_tokens"] for r in measured) / batch_size,
-        "peak_rss_gib": result["peak_rss_gib"],
+        "peak_rss_gib": max(result["peak_rss_gib"] for result in results),
     }
+
+
+def round_speedups(trl: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[float]:
+    """TRL's median s/iter over the system's, round by round: each round runs the systems one after
+    the other, so a ratio compares runs minutes apart, not a slow hour of the VM with a fast one."""
+
+    def median_seconds(result: dict[str, Any]) -> float:
+        return statistics.median(r["seconds"] for r in measured_iterations(result))
+
+    return [median_seconds(t) / median_seconds(o) for t, o in zip(trl, other, strict=True)]
 
 
 def speed(args: argparse.Namespace, shared: dict[str, Any]) -> dict[str, Any]:
@@ -417,16 +434,21 @@ def speed(args: argparse.Namespace, shared: dict[str, Any]) -> dict[str, Any]:
     for variant in args.variants:
         for epochs in args.epochs:
             entry: dict[str, Any] = {"variant": variant, "epochs": epochs}
+            results: dict[str, list[dict[str, Any]]] = {system: [] for system in args.systems}
+            for _ in range(args.rounds):
+                for system in args.systems:
+                    spec = shared | {
+                        "system": system,
+                        "variant": variant,
+                        "epochs": epochs,
+                        "seed": 0,
+                        "lr": lr_for(variant, args),
+                    }
+                    results[system].append(run_child(spec))
             for system in args.systems:
-                spec = shared | {
-                    "system": system,
-                    "variant": variant,
-                    "epochs": epochs,
-                    "seed": 0,
-                    "lr": lr_for(variant, args),
-                }
-                result = run_child(spec)
-                entry[system] = summarise(result, shared["batch_size"]) | {"raw": result}
+                entry[system] = summarise(results[system], shared["batch_size"]) | {"raw": results[system]}
+                if system != "trl" and "trl" in results:
+                    entry[system]["round_speedups"] = round_speedups(results["trl"], results[system])
             runs.append(entry)
     print_speed_table(args, runs)
     return {"runs": runs}
@@ -435,7 +457,8 @@ def speed(args: argparse.Namespace, shared: dict[str, Any]) -> dict[str, Any]:
 def print_speed_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     print(
         f"\nPPO on smollm2-135m-instruct, {args.batch_size} prompts x 1 response, {args.max_new_tokens} new tokens, "
-        f"float32, {args.threads} threads, median of {max(args.iterations - 1, 1)} iterations after a warm-up\n"
+        f"float32, {args.threads} threads, median of {max(args.iterations - 1, 1)} iterations after a warm-up"
+        f" in each of {args.rounds} round(s)\n"
     )
     compared = [s for s in args.systems if s != "trl"] if "trl" in args.systems else []
     header = ["variant", "epochs"]
@@ -443,6 +466,8 @@ def print_speed_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> N
         header += [f"{system} s/iter", f"{system} tokens/s", f"{system} tokens/response", f"{system} peak GiB"]
     for system in compared:
         header += [f"speed-up (TRL s / {system} s)", f"memory ({system} / TRL)"]
+        if args.rounds > 1:
+            header.append(f"speed-up per round ({system})")
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for run in runs:
@@ -460,6 +485,8 @@ def print_speed_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> N
                 f"{run['trl']['s_per_iteration'] / run[system]['s_per_iteration']:.2f}x",
                 f"{run[system]['peak_rss_gib'] / run['trl']['peak_rss_gib']:.2f}",
             ]
+            if args.rounds > 1:
+                cells.append(", ".join(f"{ratio:.2f}x" for ratio in run[system]["round_speedups"]))
         print("| " + " | ".join(cells) + " |")
 
 
@@ -539,6 +566,9 @@ def main() -> None:
     parser.add_argument("--variants", type=comma_list(str, ("full", "lora")), default=["full", "lora"])
     parser.add_argument("--epochs", type=comma_list(int), default=[1, 4], help="PPO epochs per batch, e.g. 1,4")
     parser.add_argument("--iterations", type=int, default=None, help="per run (default: 4 for speed, 20 for rewards)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="speed mode: run the systems one after the other this many times"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in both systems")
     parser.add_argument("--reward-seeds", action="store_true", help="reward reached over seeds 0,1,2, not speed")
     parser.add_argument("--last", type=int, default=5, help="reward mode: average the score over the last N iterations")
