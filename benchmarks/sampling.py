@@ -5,7 +5,7 @@
 
 "multinomial" is HF `generate(do_sample=True)`: softmax, then `torch.multinomial`, which draws an
 exponential random number for every vocabulary entry. "inverse CDF" is `tether.rollout.generate`,
-whose logits processor draws each token from one uniform number per row (`rollout.sample_tokens`).
+whose logits processor draws each token from one uniform number per row (`core.logprobs.sample_tokens`).
 Everything else is the same in both: the weights prepared for sampling, the shared prompt prefix,
 the shipped prompts with the chat template, 32 new tokens at temperature 0.7, float32. The two run
 in alternating order in one process, so a VM that drifts slows both alike. Also prints one step's
@@ -24,9 +24,10 @@ import torch
 from transformers import GenerationConfig
 
 from tether.config import DataConfig
+from tether.core.logprobs import sample_tokens
 from tether.data import encode_prompts, load_prompts, shipped_data
 from tether.models import BUILTIN_MODEL, load_causal_lm, load_tokenizer
-from tether.rollout import _inputs_sharing_prefix, generate, left_pad, sample_tokens
+from tether.rollout import _inputs_sharing_prefix, generate, left_pad
 from tether.runtime import prepare_process
 from tether.sampling_linears import sampling_linears
 

@@ -1,4 +1,4 @@
-"""Drawing one token per row (rollout.sample_tokens): the tokens follow softmax(logits / T), each
+"""Drawing one token per row (core.logprobs.sample_tokens): the tokens follow softmax(logits / T), each
 is the first token whose cumulative probability exceeds the row's uniform number, a token of
 probability 0 is never drawn, and generate's draws are the log-probs it reports."""
 
@@ -9,9 +9,10 @@ import torch
 
 from tests.test_roles import _prompt_ids
 from tether.config import LoraConfig
+from tether.core.logprobs import sample_tokens
 from tether.models import load_causal_lm, load_tokenizer
 from tether.roles.policy import add_lora, response_logprobs
-from tether.rollout import generate, sample_tokens
+from tether.rollout import generate
 
 
 def test_each_token_is_the_first_whose_cumulative_probability_exceeds_the_uniform_number():
@@ -50,8 +51,10 @@ def test_frequencies_follow_the_tempered_distribution_and_impossible_tokens_neve
     assert counts[5] > 0
 
 
-def test_a_row_without_a_finite_logit_is_refused():
+def test_a_row_without_a_finite_logit_or_a_temperature_of_zero_is_refused():
     logits = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_tokens(logits, 0.0)
     logits[1] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         sample_tokens(logits, 1.0)

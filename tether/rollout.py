@@ -4,7 +4,7 @@ Prompts are left-padded so that every response starts in the same column; `gener
 position ids from the attention mask, and every later forward pass does the same
 (roles/batching.py). Each response is truncated after its first EOS (RLHF-DETAILS 5). While
 sampling, linear layers run on weights prepared once per call (sampling_linears.py), and each token
-is drawn by `sample_tokens` (one uniform number per row, not one per vocabulary entry).
+is drawn by `core.logprobs.sample_tokens` (one uniform number per row, not one per vocabulary entry).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from tether.core.logprobs import sample_tokens
 from tether.roles.shared_prefix import prefix_pass, split_shared_prefix
 from tether.sampling_linears import sampling_linears
 
@@ -169,26 +170,6 @@ def generate(
         prompt_index=prompt_index,
     )
     return rollout, logprobs
-
-
-def sample_tokens(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """One token per row from softmax(logits / temperature), and its log-prob. (B, V) -> (B,), (B,).
-
-    The inverse of each row's cumulative distribution at one uniform number: token i is drawn when
-    u falls in [cdf[i-1], cdf[i]), an interval as wide as its probability. The sums run in float64
-    and u has 53 random bits, so a token's chance is its float32 probability, however small (and a
-    token of probability 0 has an empty interval: never drawn). HF's sampling (softmax, then
-    torch.multinomial) draws an exponential number for every vocabulary entry instead: 12-14 ms per
-    step for 8 rows of 49k on a 2-core CPU, against 2 ms here.
-    """
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    cdf = torch.cumsum(logprobs.exp(), dim=-1, dtype=torch.float64)
-    total = cdf[:, -1:]
-    if not torch.isfinite(total).all():
-        raise ValueError("sampling: the logits of a row are NaN or infinite everywhere")
-    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device) * total  # [0, total)
-    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)  # first cdf > u
-    return tokens.squeeze(1), logprobs.gather(1, tokens).squeeze(1)
 
 
 class SampleTokens(LogitsProcessor):

@@ -11,7 +11,7 @@ from tether.core.kl import (
     kl_per_token,
     make_kl_controller,
 )
-from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits
+from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits, sample_tokens
 from tether.core.losses import clipped_value_loss, kl_loss, ppo_policy_loss
 from tether.core.masked import (
     explained_variance,
@@ -45,4 +45,5 @@ __all__ = [
     "per_token_rewards",
     "ppo_policy_loss",
     "response_nll",
+    "sample_tokens",
 ]
