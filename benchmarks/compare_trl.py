@@ -350,9 +350,10 @@ def child_main(spec_path: str) -> None:
 
 def shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The converted model folder and the token ids of tether's shipped prompts, as tether makes them."""
-    from tether.config import PPOConfig, load_config
     from tether.models import BUILTIN_MODEL, load_tokenizer, resolve_model_path
     from tether.stages.online import training_prompts
+
+    from tether.config import PPOConfig, load_config
 
     reward_model = Path(args.reward_model).resolve()
     if not (reward_model / "config.json").is_file():

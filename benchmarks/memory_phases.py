@@ -43,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import tether.stages.online as online
+
     from tether.config import PPOConfig, load_config
     from tether.stages.ppo import PPOTrainer
 

@@ -21,15 +21,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tether.models import BUILTIN_MODEL, load_causal_lm, load_tokenizer
+from tether.rollout import _inputs_sharing_prefix, generate, left_pad
+from tether.sampling_linears import sampling_linears
 from transformers import GenerationConfig
 
 from tether.config import DataConfig
 from tether.core.logprobs import sample_tokens
 from tether.data import encode_prompts, load_prompts, shipped_data
-from tether.models import BUILTIN_MODEL, load_causal_lm, load_tokenizer
-from tether.rollout import _inputs_sharing_prefix, generate, left_pad
 from tether.runtime import prepare_process
-from tether.sampling_linears import sampling_linears
 
 TEMPERATURE = 0.7
 

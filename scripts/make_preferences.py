@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 import torch
+from tether.models import eos_token_ids, load_causal_lm, load_tokenizer
+from tether.rollout import decode_responses, generate
 
 from tether.data import Prompt, encode_prompt, load_prompts, shipped_data
-from tether.models import eos_token_ids, load_causal_lm, load_tokenizer
 from tether.reward_functions import gold_judge, prompt_kind
-from tether.rollout import decode_responses, generate
 
 MODEL = "smollm2-135m-instruct"
 TEMPERATURE = 0.9

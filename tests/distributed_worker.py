@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from tether.rollout import Rollout, left_pad, truncate_after_eos
+from tether.sampling import left_pad, truncate_after_eos
+from tether.trajectory import Trajectory
 
 _calls = {"count": 0}
 
@@ -30,8 +31,10 @@ def deterministic_generate(
     temperature: float,
     pad_id: int,
     eos_ids: list[int],
+    *,
+    speed: Any = None,
     return_logprobs: bool = False,
-) -> tuple[Rollout, None]:
+) -> tuple[Trajectory, None]:
     """generate()'s contract (left-padded prompts, responses cut after the first EOS) with tokens
     drawn from a generator seeded by (prompt, sample index, call number) instead of the model."""
     _calls["count"] += 1
@@ -52,7 +55,7 @@ def deterministic_generate(
     for i, row in enumerate(rows):
         response_ids[i, : len(row)] = torch.tensor(row)
     response_ids, response_mask, finished = truncate_after_eos(response_ids, eos_ids, pad_id)
-    rollout = Rollout(
+    rollout = Trajectory(
         prompt_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
         prompt_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
         response_ids=response_ids,
@@ -79,15 +82,15 @@ def run_job(stage: str, run_dir: str, overrides: list[str], resume: bool) -> Non
         "dpo": (DPOConfig, DPOTrainer),
     }[stage]
     trainer = trainer_class(load_config(config_class, None, overrides), run_dir, resume=resume)
-    _calls["count"] = trainer.step  # a resumed run draws what the uninterrupted one would have
+    _calls["count"] = trainer.run.step  # a resumed run draws what the uninterrupted one would have
     trainer.train()
 
 
 def main(jobs_file: str) -> None:
-    import tether.stages.online
+    import tether.passes
     from tether.runtime import leave_process_group
 
-    tether.stages.online.generate = deterministic_generate  # type: ignore[assignment]
+    tether.passes.generate = deterministic_generate  # type: ignore[assignment]
     for stage, run_dir, overrides, resume in json.loads(Path(jobs_file).read_text()):
         run_job(stage, run_dir, overrides, resume)
     leave_process_group()

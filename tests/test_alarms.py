@@ -1,4 +1,4 @@
-"""Alarms over metric rows (tether/alarms.py).
+"""Alarms over metric rows (tether/evaluation/alarms.py).
 
 Tier: pure functions on synthetic metric streams. Each alarm fires on a stream that shows its
 failure and stays quiet on a healthy one; thresholds are checked at the exact boundary with
@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from tether.alarms import ALARM_KEYS, AlarmSettings, check_alarms
+from tether.config import AlarmsConfig, ConfigError, PPOConfig, load_config
+from tether.evaluation.alarms import ALARM_KEYS, check_alarms
 
-DEFAULT = AlarmSettings()
+DEFAULT = AlarmsConfig()
 KL_TARGET = 6.0
 N = 20
 
@@ -54,7 +55,7 @@ def healthy(**overrides: Sequence[Any] | Any) -> list[dict[str, Any]]:
 
 
 def keys(
-    history: Sequence[dict[str, Any]], settings: AlarmSettings = DEFAULT, kl_target: float | None = None
+    history: Sequence[dict[str, Any]], settings: AlarmsConfig = DEFAULT, kl_target: float | None = None
 ) -> list[str]:
     return [alarm.key for alarm in check_alarms(history, settings, kl_target)]
 
@@ -134,8 +135,17 @@ def test_every_alarm_says_what_it_saw_and_what_to_do():
 
 
 def test_settings_reject_a_window_too_short_to_have_two_halves():
-    with pytest.raises(ValueError, match="alarms.window"):
-        AlarmSettings(window=1)
+    with pytest.raises(ConfigError, match="alarms.window must be at least 2"):
+        load_config(PPOConfig, None, ["alarms.window=1"], allow_missing=True)
+
+
+def test_advice_names_the_settings_of_the_run_s_algorithm():
+    """A grpo run is told about grpo.kl_coef, never about ppo's keys it does not have."""
+    rows = make_rows(5, objective__kl=[40.0] * 5)
+    [ppo] = check_alarms(rows, DEFAULT, None, "ppo")
+    [grpo] = check_alarms(rows, DEFAULT, None, "grpo")
+    assert "ppo.kl_coef" in ppo.advice and "ppo.kl_target" in ppo.advice
+    assert "grpo.kl_coef" in grpo.advice and "ppo." not in grpo.advice + grpo.saw
 
 
 # --- kl_runaway -----------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ def test_kl_uses_the_mean_over_the_last_window_only():
     assert keys(make_rows(8, objective__kl=[100.0, 100.0, 100.0, 15.0, 15.0, 15.0, 15.0, 15.0]), kl_target=6.0) == []
     # One spike inside the window moves the mean: (4 x 15 + 40) / 5 = 20 > 18.
     assert keys(make_rows(5, objective__kl=[15.0, 15.0, 40.0, 15.0, 15.0]), kl_target=6.0) == ["kl_runaway"]
-    assert keys(make_rows(5, objective__kl=[15.0, 15.0, 40.0, 15.0, 15.0]), AlarmSettings(window=2), 6.0) == []
+    assert keys(make_rows(5, objective__kl=[15.0, 15.0, 40.0, 15.0, 15.0]), AlarmsConfig(window=2), 6.0) == []
 
 
 def test_kl_skips_null_and_nan_instead_of_counting_them():
@@ -197,7 +207,7 @@ def test_kl_written_as_runlogs_infinity_fires_without_overflow_error():
 
 def test_entropy_needs_window_plus_one_rows():
     # With window 10, ten rows would already fire without the guard: start 2.0, mean of all ten 0.6.
-    settings = AlarmSettings(window=10)
+    settings = AlarmsConfig(window=10)
     collapsed = [2.0] * 3 + [0.0] * 8
     assert keys(make_rows(10, objective__entropy=collapsed[:10]), settings) == []
     assert keys(make_rows(11, objective__entropy=collapsed), settings) == ["entropy_collapse"]
@@ -250,7 +260,7 @@ def test_length_hacking_fires_on_the_pattern_and_names_the_numbers():
 def test_length_hacking_needs_a_full_window():
     rows = make_rows(5, **HACK)
     assert keys(rows[1:]) == []  # 4 rows < window 5
-    assert keys(rows[1:], AlarmSettings(window=4)) == ["length_hacking"]  # halves of 2 rows: 105 -> 130 tokens
+    assert keys(rows[1:], AlarmsConfig(window=4)) == ["length_hacking"]  # halves of 2 rows: 105 -> 130 tokens
 
 
 @pytest.mark.parametrize(
@@ -273,7 +283,7 @@ def test_length_hacking_leaves_the_middle_row_of_an_odd_window_out(middle):
 
 
 def test_length_hacking_thresholds_are_inclusive():
-    settings = AlarmSettings(length_rise=0.2, diversity_drop=0.125)
+    settings = AlarmsConfig(length_rise=0.2, diversity_drop=0.125)
     at = {
         "response__length_mean": [100.0, 100.0, 0.0, 120.0, 120.0],  # exactly +20%
         "objective__scores": [1.0, 1.0, 0.0, 1.5, 1.5],

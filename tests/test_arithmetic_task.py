@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tether.data import load_prompts, shipped_data
+from tether.loading.functions import load_function
 from tether.reward_functions import arithmetic, arithmetic_question
-from tether.roles.reward import call_function, load_function
+from tether.roles.reward import call_function
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("arithmetic_train.jsonl", "arithmetic_eval.jsonl")

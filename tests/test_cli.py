@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.test_ppo import PROMPTS, REWARD_FILE
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 
 CONTRACT_METRICS = [
     "step",

@@ -19,8 +19,8 @@ from tests.test_ppo import PROMPTS, REWARD_FILE
 from tests.test_rm import write_preferences
 from tests.test_sft import write_sft_data
 from tether import runtime
-from tether.rollout import Rollout, concat_rollouts
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
+from tether.trajectory import Trajectory, concat_trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -143,7 +143,7 @@ def test_a_checkpoint_resumes_on_another_process_count(runs: Path, written_by: s
 def test_checkpoints_hold_every_process_random_stream(runs: Path):
     """A two-process checkpoint saves both processes' generators, and they differ (each process
     samples its own responses); a one-process checkpoint saves one."""
-    from tether.checkpoint import load_trainer_state
+    from tether.run.checkpoints import load_trainer_state
 
     two = load_trainer_state(runs / "two" / "ppo" / "checkpoints" / "step-000003")["rng"]
     one = load_trainer_state(runs / "one" / "ppo" / "checkpoints" / "step-000003")["rng"]
@@ -183,8 +183,8 @@ def test_uneven_prompt_batches_are_refused_by_name(monkeypatch):
         runtime.require_divisible(6, "train.batch_size")
 
 
-def _rollout(prompts: list[list[int]], responses: list[list[int]], finished: list[bool]) -> Rollout:
-    from tether.rollout import left_pad
+def _rollout(prompts: list[list[int]], responses: list[list[int]], finished: list[bool]) -> Trajectory:
+    from tether.sampling import left_pad
 
     prompt_ids, prompt_mask = left_pad(prompts, 0)
     width = max(len(r) for r in responses)
@@ -193,7 +193,7 @@ def _rollout(prompts: list[list[int]], responses: list[list[int]], finished: lis
     for i, r in enumerate(responses):
         response_ids[i, : len(r)] = torch.tensor(r)
         response_mask[i, : len(r)] = True
-    return Rollout(
+    return Trajectory(
         prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(finished), torch.arange(len(prompts))
     )
 
@@ -205,7 +205,7 @@ def test_concatenated_rollouts_equal_the_rollout_of_all_rows():
     responses = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 3, 2]]
     finished = [True, False, True, False]
     whole = _rollout(prompts, responses, finished)
-    merged = concat_rollouts(
+    merged = concat_trajectories(
         [_rollout(prompts[:2], responses[:2], finished[:2]), _rollout(prompts[2:], responses[2:], finished[2:])], 0
     )
     for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished", "prompt_index"):

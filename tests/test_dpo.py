@@ -14,7 +14,7 @@ from tests.test_rm import rm_overrides, write_preferences
 from tether.cli import main
 from tether.config import DPOConfig, load_config
 from tether.core import dpo_loss
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 from tether.stages.dpo import REFERENCE_FILE, DPOTrainer
 
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from tether.data import Prompt, encode_prompt
-from tether.models import BUILTIN_MODEL, eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
+from tether.loading.models import BUILTIN_MODEL, eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
 from tether.roles.policy import response_logprobs
-from tether.rollout import generate
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
+from tether.sampling import generate
+from tether.speed import FAST
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +60,12 @@ def test_embedded_model_loads_with_a_dedicated_pad_token_and_chat_template():
         tokenizer.pad_token_id,
         eos_token_ids(tokenizer, model),
         return_logprobs=True,
+        speed=FAST,
     )
     with torch.no_grad():
-        (recomputed,) = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.7)
+        (recomputed,) = response_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.7, speed=FAST
+        )
     mask = rollout.response_mask
     torch.testing.assert_close(recomputed[mask], sampled[mask], atol=2e-4, rtol=0)
 

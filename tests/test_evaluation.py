@@ -12,7 +12,7 @@ import torch
 from tests.test_ppo import NONDETERMINISTIC, PROMPTS, REWARD_FILE, tiny_config
 from tether.cli import main
 from tether.evaluation.runner import START, add_win_rates, build_evaluator
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 from tether.stages.ppo import PPOTrainer
 
 
@@ -80,7 +80,7 @@ def test_periodic_eval_inside_training_logs_eval_metrics_and_keeps_resume_exact(
     real = interrupted.iteration
 
     def crash_at_step_3():
-        if interrupted.step == 3:
+        if interrupted.run.step == 3:
             raise KeyboardInterrupt
         return real()
 

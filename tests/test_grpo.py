@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.test_cli import run_tether
 from tests.test_ppo import NONDETERMINISTIC, PROMPTS, REWARD_FILE
 from tether.config import ConfigError, GRPOConfig, load_config
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 from tether.stages.grpo import GRPOTrainer
 
 
@@ -128,7 +128,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch):
     real_iteration = interrupted.iteration
 
     def iteration_then_crash():
-        if interrupted.step > 3:
+        if interrupted.run.step > 3:
             raise KeyboardInterrupt
         return real_iteration()
 
@@ -136,7 +136,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     resumed = GRPOTrainer(grpo_config(tiny_llama, task, *overrides), task / "resumed", resume=True)
-    assert resumed.step == 2
+    assert resumed.run.step == 2
     resumed.train()
     straight_rows = read_jsonl(task / "straight" / "metrics.jsonl")
     resumed_rows = read_jsonl(task / "resumed" / "metrics.jsonl")

@@ -19,9 +19,9 @@ from tests.test_sft import write_sft_data
 from tether.cli import main
 from tether.config import RMConfig, load_config
 from tether.evaluation.runner import START
-from tether.models import load_causal_lm
+from tether.loading.models import load_causal_lm
 from tether.roles.reward import NORMALIZATION_KEY
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 from tether.stages.rm import RMTrainer
 
 GOLD_FILE = """
@@ -85,7 +85,7 @@ def test_sft_then_rm_then_ppo_then_eval(tiny_llama: Path, tmp_path: Path, capsys
         RMConfig, None, [f"model.name={sft_final}", f"data.train={pref_train}", f"data.eval={pref_eval}"]
     )
     fresh = RMTrainer(rm_config, tmp_path / "runs" / "rm-untrained")
-    fresh.runlog.close()
+    fresh.run.runlog.close()
     sft_weights = load_causal_lm(str(sft_final), fresh.tokenizer).model.state_dict()
     base_weights = load_causal_lm(str(tiny_llama), fresh.tokenizer).model.state_dict()
     start = fresh.model.model.state_dict()

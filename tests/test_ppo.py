@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from tether.config import PPOConfig, load_config
-from tether.models import load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
+from tether.loading.models import load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.policy import response_logprobs
 from tether.roles.reward import sequence_scores
 from tether.roles.value import ValueHead, response_values
-from tether.rollout import generate
-from tether.runlog import read_jsonl
-from tether.stages.online import first_step_reuses_old_pass
+from tether.run.log import read_jsonl
+from tether.sampling import generate
+from tether.speed import FAST
+from tether.speed.old_pass import reuses_old_pass
 from tether.stages.ppo import PPOTrainer
 
 REWARD_FILE = """
@@ -85,7 +86,7 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tiny_llama, task, lora, micro
     overrides += [f"model.critic={critic}"]
     overrides += ["model.lora={r: 4, alpha: 8}"] if lora else []
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
-    assert first_step_reuses_old_pass(trainer.config, trainer.config.ppo.minibatch_size) == (micro is None)
+    assert reuses_old_pass(trainer.config.speed, trainer.sizes) == (micro is None)
     metrics, _ = trainer.iteration()
     assert metrics["objective/kl"] == 0.0
     assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-6
@@ -113,7 +114,7 @@ def test_update_does_not_depend_on_the_micro_batch_split(tiny_llama, task, criti
         trainer = PPOTrainer(config, task / f"run-{micro}")
         trainer.iteration()
         weights[micro] = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-        weights[micro] |= {f"critic.{k}": v.clone() for k, v in trainer._critic().state_dict().items()}
+        weights[micro] |= {f"critic.{k}": v.clone() for k, v in trainer.roles.critic.state_dict().items()}
     for micro in (2, 1):
         for name, tensor in weights[4].items():
             torch.testing.assert_close(weights[micro][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
@@ -126,17 +127,19 @@ def test_reference_stays_frozen_while_the_policy_moves(tiny_llama, task):
     policy_before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     probe = torch.tensor([trainer.prompt_ids[0] + [10, 11, 12]])
     probe_mask = torch.ones_like(probe, dtype=torch.bool)
-    ref_probe_before = trainer.reference.logprobs(probe, probe_mask, len(trainer.prompt_ids[0]), 0.7)
-    for trainer.step in (1, 2, 3):
+    ref_probe_before = trainer.reference.logprobs(probe, probe_mask, len(trainer.prompt_ids[0]), 0.7, speed=FAST)
+    for trainer.run.step in (1, 2, 3):
         trainer.iteration()
     with trainer.reference.as_model() as reference:
         for name, tensor in reference.state_dict().items():
             assert torch.equal(tensor, ref_before[name]), f"reference weight {name} changed"
     assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.policy.state_dict().items())
-    ref_probe_after = trainer.reference.logprobs(probe, probe_mask, len(trainer.prompt_ids[0]), 0.7)
+    ref_probe_after = trainer.reference.logprobs(probe, probe_mask, len(trainer.prompt_ids[0]), 0.7, speed=FAST)
     assert torch.equal(ref_probe_before, ref_probe_after)
     with torch.no_grad():
-        (policy_probe,) = response_logprobs(trainer.policy, probe, probe_mask, len(trainer.prompt_ids[0]), 0.7)
+        (policy_probe,) = response_logprobs(
+            trainer.policy, probe, probe_mask, len(trainer.prompt_ids[0]), 0.7, speed=FAST
+        )
     assert not torch.allclose(policy_probe, ref_probe_after)
 
 
@@ -194,7 +197,7 @@ def test_resume_matches_an_uninterrupted_run(
     real_iteration = interrupted.iteration
 
     def iteration_then_crash():
-        if interrupted.step > stop_after:
+        if interrupted.run.step > stop_after:
             raise KeyboardInterrupt
         return real_iteration()
 
@@ -202,7 +205,7 @@ def test_resume_matches_an_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     resumed = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "resumed", resume=True)
-    assert resumed.step == resume_step
+    assert resumed.run.step == resume_step
     resumed.train()
 
     straight_rows = read_jsonl(task / "straight" / "metrics.jsonl")
@@ -233,7 +236,7 @@ def test_saved_policy_and_value_reload_to_identical_outputs(tiny_llama, task, lo
     """RLHF-DETAILS 18: every saved head (LoRA adapter, value head) reloads to the same outputs."""
     overrides = ["train.steps=2", "train.lr=1e-2"] + (["model.lora={r: 4, alpha: 8}"] if lora else [])
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
-    for trainer.step in (1, 2):
+    for trainer.run.step in (1, 2):
         trainer.iteration()
     folder = trainer.save_checkpoint(final=True)
     probe = torch.tensor([trainer.prompt_ids[1] + [10, 11, 12, 3]])
@@ -241,10 +244,14 @@ def test_saved_policy_and_value_reload_to_identical_outputs(tiny_llama, task, lo
     start = len(trainer.prompt_ids[1])
     tokenizer = load_tokenizer(str(folder))
     with torch.no_grad():
-        (expected_logprobs,) = response_logprobs(trainer.policy, probe, mask, start, 0.7)
-        expected_values = response_values(trainer.value_model, probe, mask, start)
-        (reloaded_logprobs,) = response_logprobs(load_causal_lm(str(folder), tokenizer), probe, mask, start, 0.7)
-        reloaded_values = response_values(load_scalar_model(str(folder / "value"), tokenizer), probe, mask, start)
+        (expected_logprobs,) = response_logprobs(trainer.policy, probe, mask, start, 0.7, speed=FAST)
+        expected_values = response_values(trainer.value_model, probe, mask, start, speed=FAST)
+        (reloaded_logprobs,) = response_logprobs(
+            load_causal_lm(str(folder), tokenizer), probe, mask, start, 0.7, speed=FAST
+        )
+        reloaded_values = response_values(
+            load_scalar_model(str(folder / "value"), tokenizer), probe, mask, start, speed=FAST
+        )
     torch.testing.assert_close(reloaded_logprobs, expected_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(reloaded_values, expected_values, atol=1e-5, rtol=0)
     assert torch.count_nonzero(expected_values) > 0, "the value head never trained: the check would be vacuous"
@@ -255,7 +262,7 @@ def test_saved_value_head_reloads_to_identical_values(tiny_llama, task):
     tokenizer); it reloads to the values the trained head gives on the saved policy's features."""
     config = tiny_config(tiny_llama, task, "train.steps=2", "model.critic=head", "train.value_lr=1e-2")
     trainer = PPOTrainer(config, task / "run")
-    for trainer.step in (1, 2):
+    for trainer.run.step in (1, 2):
         trainer.iteration()
     folder = trainer.save_checkpoint(final=True)
     assert sorted(p.name for p in (folder / "value").iterdir()) == ["config.json", "value_head.safetensors"]
@@ -264,9 +271,11 @@ def test_saved_value_head_reloads_to_identical_values(tiny_llama, task):
     start = len(trainer.prompt_ids[1])
     policy = load_causal_lm(str(folder), load_tokenizer(str(folder)))
     with torch.no_grad():
-        _, expected = response_logprobs(trainer.policy, probe, mask, start, 0.7, value_head=trainer.value_head)
+        _, expected = response_logprobs(
+            trainer.policy, probe, mask, start, 0.7, value_head=trainer.roles.value_head, speed=FAST
+        )
         _, reloaded = response_logprobs(
-            policy, probe, mask, start, 0.7, value_head=ValueHead.from_pretrained(folder / "value")
+            policy, probe, mask, start, 0.7, value_head=ValueHead.from_pretrained(folder / "value"), speed=FAST
         )
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
     assert torch.count_nonzero(expected) > 0, "the value head never trained: the check would be vacuous"
@@ -303,7 +312,7 @@ def test_reward_model_and_function_mix_with_their_weights(tiny_llama, task):
     trainer = PPOTrainer(config, task / "run")
     # The value model starts from the reward model, head included (N+ details).
     torch.testing.assert_close(
-        scalar_head(trainer.value_model).weight, scalar_head(trainer.rewards.model).weight, atol=0, rtol=0
+        scalar_head(trainer.value_model).weight, scalar_head(trainer.roles.rewards.model).weight, atol=0, rtol=0
     )
     metrics, samples = trainer.iteration()
     for row in samples:
@@ -321,10 +330,14 @@ def test_reward_model_with_another_vocabulary_reads_the_same_text(tiny_llama, ta
         tiny_config(tiny_llama, task, f"reward.model={_save_reward_model(task / 'b', tiny_llama, extra_token=True)}"),
         task / "run-b",
     )
-    assert same.rewards.model_tokenizer is None and other.rewards.model_tokenizer is not None
-    rollout, _ = generate(same.policy, same.prompt_ids[:4], 1, 6, 1.0, same.roles.pad_id, same.roles.eos_ids)
+    assert same.roles.rewards.model_tokenizer is None and other.roles.rewards.model_tokenizer is not None
+    rollout, _ = generate(
+        same.policy, same.prompt_ids[:4], 1, 6, 1.0, same.roles.pad_id, same.roles.eos_ids, speed=FAST
+    )
     scored = [
-        trainer.rewards.score(rollout.input_ids, rollout.attention_mask, ["p"] * 4, ["r"] * 4, [True] * 4)[1]["model"]
+        trainer.roles.rewards.score(rollout.input_ids, rollout.attention_mask, ["p"] * 4, ["r"] * 4, [True] * 4)[1][
+            "model"
+        ]
         for trainer in (same, other)
     ]
     torch.testing.assert_close(scored[0], scored[1], atol=1e-5, rtol=0)
@@ -344,24 +357,25 @@ def test_lora_value_model_lends_its_base_to_the_reward_model(tiny_llama, task):
         "rollout.missing_eos_penalty=null",
     )
     trainer = PPOTrainer(config, task / "run")
-    assert trainer.rewards.model is None  # the separate copy was dropped
+    assert trainer.roles.rewards.model is trainer.value_model  # the separate copy was dropped
+    assert trainer.roles.rewards.adapted_reward_model
     frozen = load_scalar_model(str(rm), load_tokenizer(str(rm)))
     rollout, _ = generate(
-        trainer.policy, trainer.prompt_ids[:4], 1, 6, 1.0, trainer.roles.pad_id, trainer.roles.eos_ids
+        trainer.policy, trainer.prompt_ids[:4], 1, 6, 1.0, trainer.roles.pad_id, trainer.roles.eos_ids, speed=FAST
     )
     ids, attn = rollout.input_ids, rollout.attention_mask
 
     def reward_scores() -> torch.Tensor:
-        return trainer.rewards.score(ids, attn, ["p"] * 4, ["r"] * 4, [True] * 4)[1]["model"]
+        return trainer.roles.rewards.score(ids, attn, ["p"] * 4, ["r"] * 4, [True] * 4)[1]["model"]
 
     def value_at_last_token() -> torch.Tensor:
         with torch.no_grad():
-            return response_values(trainer.value_model, ids, attn, rollout.response_start)
+            return response_values(trainer.value_model, ids, attn, rollout.response_start, speed=FAST)
 
-    expected = sequence_scores(frozen, ids, attn)
+    expected = sequence_scores(frozen, ids, attn, speed=FAST)
     torch.testing.assert_close(reward_scores(), expected, atol=1e-6, rtol=0)
     values_before = value_at_last_token()
-    for trainer.step in range(1, 3):
+    for trainer.run.step in range(1, 3):
         trainer.iteration()
     assert (value_at_last_token() - values_before).abs().max() > 1e-3  # the value model did train
     torch.testing.assert_close(reward_scores(), expected, atol=1e-6, rtol=0)  # the reward did not move

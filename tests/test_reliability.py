@@ -22,7 +22,7 @@ from tests.test_ppo import NONDETERMINISTIC, PROMPTS, REWARD_FILE, tiny_config
 from tests.tiny_models import save_tiny_model
 from tether.cli import main
 from tether.errors import NumericalError
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
 from tether.stages.ppo import PPOTrainer
 
 
@@ -180,7 +180,7 @@ def test_a_non_finite_gradient_never_reaches_the_weights(task: Path, tiny_llama:
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     value_before = {k: v.clone() for k, v in trainer.value_model.state_dict().items()}
     _poison_gradients(trainer)
-    trainer.step = 1
+    trainer.run.step = 1
     metrics, _ = trainer.iteration()
     assert metrics["train/skipped_updates"] == trainer.config.ppo.epochs  # one minibatch per epoch
     for name, tensor in trainer.policy.state_dict().items():
@@ -209,7 +209,7 @@ def test_non_finite_gradients_in_a_row_stop_the_run_with_a_checkpoint(task: Path
 
 WRAPPER = """
 import os, sys, time
-import tether.stages.online as online
+import tether.run.checkpoints as online
 import tether.stages.ppo as ppo
 
 if os.environ.get("SLOW_ITERATIONS"):
@@ -333,7 +333,7 @@ def test_a_reward_model_giving_nan_is_named_with_the_sample(task: Path, tiny_lla
     rm = _save_reward_model(task / "rm", tiny_llama)
     trainer = PPOTrainer(tiny_config(tiny_llama, task, f"reward.model={rm}"), task / "run")
     with torch.no_grad():
-        trainer.rewards.model.score.weight.fill_(float("nan"))
-    trainer.step = 1
+        trainer.roles.rewards.model.score.weight.fill_(float("nan"))
+    trainer.run.step = 1
     with pytest.raises(RewardError, match=r"reward model .* gave nan for sample 0"):
         trainer.iteration()

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from tether.errors import RewardError
+from tether.loading.functions import load_function
 from tether.reward_functions import concise
-from tether.roles.reward import RewardError, call_function, load_function
+from tether.roles.reward import call_function
 
 PROMPTS, RESPONSES = ["p1", "p2"], ["a b c", "d e"]
 

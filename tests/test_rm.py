@@ -24,13 +24,14 @@ from tests.test_ppo import PROMPTS, tiny_config
 from tether.cli import main
 from tether.config import RMConfig, load_config
 from tether.data import load_preferences
-from tether.models import eos_token_ids, load_scalar_model, load_tokenizer, scalar_head
+from tether.loading.models import eos_token_ids, load_scalar_model, load_tokenizer, scalar_head
 from tether.roles.reward import NORMALIZATION_KEY, last_token_scores, sequence_scores
-from tether.rollout import left_pad
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
+from tether.sampling import left_pad
+from tether.speed import FAST
+from tether.stages.offline import Encoder
 from tether.stages.ppo import PPOTrainer
 from tether.stages.rm import RewardModelTask, RMTrainer
-from tether.stages.supervised import Encoder
 
 PROMPT_WORDS = ["hello", "world", "why", "what", "how", "tell", "me", "about", "please", "thanks", "is", "the"]
 BODY_WORDS = ["the", "a", "cat", "dog", "sun", "moon", "red", "blue", "green", "one", "two", "big", "small"]
@@ -98,7 +99,11 @@ def held_out_sequences(model: Path, prefs: tuple[Path, Path]) -> tuple[list[list
 def batch_scores(model, sequences: list[list[int]], pad_id: int, normalised: bool = True) -> torch.Tensor:
     ids, mask = left_pad(sequences, pad_id)
     with torch.no_grad():
-        return sequence_scores(model, ids, mask) if normalised else last_token_scores(model, ids, mask)
+        return (
+            sequence_scores(model, ids, mask, speed=FAST)
+            if normalised
+            else last_token_scores(model, ids, mask, speed=FAST)
+        )
 
 
 # --- the command line and what it writes --------------------------------------------------------
@@ -129,7 +134,7 @@ def test_rm_cli_writes_the_run_directory_and_learns_the_preference(trained_rm, t
 
     untrained = RMTrainer(load_config(RMConfig, None, rm_overrides(tiny_llama, prefs)), tmp_path / "untrained")
     before = untrained.evaluate()
-    untrained.runlog.close()
+    untrained.run.runlog.close()
     assert before["eval/accuracy"] <= 0.75, before
     assert before["eval/loss"] > 0.6, before
     assert trained["eval/accuracy"] - before["eval/accuracy"] >= 0.25
@@ -196,7 +201,7 @@ def test_final_model_reloads_to_identical_scores_and_transformers_agrees(request
         ids = torch.tensor([sequence])
         with torch.no_grad():
             hf_logit = plain(input_ids=ids).logits[0, 0].item()
-            raw = last_token_scores(tether_model, ids, torch.ones_like(ids, dtype=torch.bool)).item()
+            raw = last_token_scores(tether_model, ids, torch.ones_like(ids, dtype=torch.bool), speed=FAST).item()
         assert hf_logit == pytest.approx(raw, abs=1e-5)
     # transformers finds the last token from pad_token_id (saved by tether), so right padding works there too.
     width = max(len(s) for s in probe)
@@ -205,7 +210,7 @@ def test_final_model_reloads_to_identical_scores_and_transformers_agrees(request
     with torch.no_grad():
         torch.testing.assert_close(
             plain(input_ids=ids, attention_mask=mask.long()).logits[:, 0],
-            last_token_scores(tether_model, ids, mask),
+            last_token_scores(tether_model, ids, mask, speed=FAST),
             atol=1e-5,
             rtol=0,
         )
@@ -221,8 +226,8 @@ def test_lora_rm_saves_a_full_merged_model(tiny_llama, prefs, tmp_path):
     )
     trainer = RMTrainer(config, tmp_path / "run")
     head_before = scalar_head(trainer.model).weight.detach().clone()
-    for trainer.step in (1, 2, 3):
-        trainer.train_step()
+    for trainer.run.step in (1, 2, 3):
+        trainer.iteration()[0]
     chosen, rejected = held_out_sequences(tiny_llama, prefs)
     probe = chosen[:3] + rejected[:3]
     pad_id = trainer.tokenizer.pad_token_id
@@ -230,7 +235,7 @@ def test_lora_rm_saves_a_full_merged_model(tiny_llama, prefs, tmp_path):
     trained_head = scalar_head(trainer.model).weight.detach().clone()
     assert not torch.equal(trained_head, head_before), "the head did not train under LoRA"
     final = trainer.finish()
-    trainer.runlog.close()
+    trainer.run.runlog.close()
 
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     assert not (final / "adapter_config.json").exists() and not (final / "adapter_model.safetensors").exists()
@@ -282,12 +287,12 @@ def test_trained_rm_is_ppos_reward_model_and_starts_its_value_model(trained_rm, 
     config = tiny_config(tiny_llama, tmp_path, f"reward.model={final}", "reward.function=null", "train.steps=1")
     assert config.reward.function is None
     trainer = PPOTrainer(config, tmp_path / "ppo")
-    assert trainer.rewards.function is None and trainer.rewards.model_tokenizer is None
+    assert trainer.roles.rewards.function is None and trainer.roles.rewards.model_tokenizer is None
     torch.testing.assert_close(
-        scalar_head(trainer.value_model).weight, scalar_head(trainer.rewards.model).weight, atol=0, rtol=0
+        scalar_head(trainer.value_model).weight, scalar_head(trainer.roles.rewards.model).weight, atol=0, rtol=0
     )
-    assert getattr(trainer.rewards.model.config, NORMALIZATION_KEY)["gain"] > 0
-    trainer.step = 1
+    assert getattr(trainer.roles.rewards.model.config, NORMALIZATION_KEY)["gain"] > 0
+    trainer.run.step = 1
     metrics, samples = trainer.iteration()
     assert "objective/model_scores" in metrics and "objective/function_scores" not in metrics
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics

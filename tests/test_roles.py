@@ -8,12 +8,20 @@ import torch
 
 from tether.config import LoraConfig
 from tether.data import Prompt, encode_prompt
-from tether.models import eos_token_ids, load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
-from tether.roles.policy import add_lora, response_logprobs
+from tether.loading.models import (
+    add_lora,
+    eos_token_ids,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    scalar_head,
+)
+from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import sequence_scores
 from tether.roles.value import ValueHead, backbone_hidden, response_values
-from tether.rollout import generate, left_pad, truncate_after_eos
+from tether.sampling import generate, left_pad, truncate_after_eos
+from tether.speed import FAST
 
 TEXTS = ["hello world", "tell me about the big red cat please", "why", "one two three four five six"]
 
@@ -59,10 +67,11 @@ def test_rollout_logprobs_equal_training_forward_logprobs(lm, temperature):
         tokenizer.pad_token_id,
         eos_token_ids(tokenizer, model),
         return_logprobs=True,
+        speed=FAST,
     )
     with torch.no_grad():
         (recomputed,) = response_logprobs(
-            model, rollout.input_ids, rollout.attention_mask, rollout.response_start, temperature
+            model, rollout.input_ids, rollout.attention_mask, rollout.response_start, temperature, speed=FAST
         )
     mask = rollout.response_mask
     torch.testing.assert_close(recomputed[mask], sampled_logprobs[mask], atol=1e-5, rtol=0)
@@ -81,7 +90,7 @@ def _sequence_logprobs(model, prompt, response, temperature=0.9, left_extra=0, r
         ids[i, width_p : width_p + len(r)] = torch.tensor(r)
         mask[i, width_p : width_p + len(r)] = True
     with torch.no_grad():
-        (logprobs,) = response_logprobs(model, ids, mask, width_p, temperature)
+        (logprobs,) = response_logprobs(model, ids, mask, width_p, temperature, speed=FAST)
     return logprobs[0, : len(response)]
 
 
@@ -114,7 +123,7 @@ def test_values_do_not_depend_on_padding(tiny_llama):
         ids = torch.tensor([[0] * left + prompt + response + [0, 0]])
         mask = torch.tensor([[False] * left + [True] * (len(prompt) + len(response)) + [False, False]])
         with torch.no_grad():
-            results.append(response_values(value, ids, mask, left + len(prompt))[0, : len(response)])
+            results.append(response_values(value, ids, mask, left + len(prompt), speed=FAST)[0, : len(response)])
     torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=0)
 
 
@@ -123,7 +132,7 @@ def test_value_model_from_a_causal_lm_starts_at_zero(tiny_llama):
     value = load_scalar_model(str(tiny_llama), tokenizer)
     ids = torch.tensor([_prompt_ids(tokenizer)[1]])
     with torch.no_grad():
-        values = response_values(value, ids, torch.ones_like(ids, dtype=torch.bool), 2)
+        values = response_values(value, ids, torch.ones_like(ids, dtype=torch.bool), 2, speed=FAST)
     assert torch.count_nonzero(values) == 0
 
 
@@ -141,8 +150,8 @@ def test_value_head_reads_the_final_hidden_state_and_never_trains_the_policy(tin
     response = tokenizer("the cat is very good")["input_ids"]
     ids = torch.tensor([prompt + response])
     mask = torch.ones_like(ids, dtype=torch.bool)
-    logprobs, values = response_logprobs(policy, ids, mask, len(prompt), 0.7, value_head=head)
-    (plain_logprobs,) = response_logprobs(policy, ids, mask, len(prompt), 0.7)
+    logprobs, values = response_logprobs(policy, ids, mask, len(prompt), 0.7, value_head=head, speed=FAST)
+    (plain_logprobs,) = response_logprobs(policy, ids, mask, len(prompt), 0.7, speed=FAST)
     torch.testing.assert_close(logprobs, plain_logprobs, atol=0, rtol=0)
 
     with torch.no_grad():
@@ -182,11 +191,11 @@ def test_reward_is_read_at_the_last_real_token(tiny_llama, side):
         cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
         ids[i, cols] = torch.tensor(s)
         mask[i, cols] = True
-    scores = sequence_scores(reward_model, ids, mask)
+    scores = sequence_scores(reward_model, ids, mask, speed=FAST)
     with torch.no_grad():
         for i, s in enumerate(sequences):
             alone = torch.tensor([s])
-            hidden = backbone_hidden(reward_model, alone, torch.ones_like(alone, dtype=torch.bool))
+            hidden = backbone_hidden(reward_model, alone, torch.ones_like(alone, dtype=torch.bool), speed=FAST)
             expected = scalar_head(reward_model)(hidden[0, -1]).item()
             assert scores[i].item() == pytest.approx(expected, abs=1e-5)
 
@@ -198,26 +207,28 @@ def test_lora_reference_is_the_policy_with_the_adapter_off(tiny_llama):
     base_logprobs_model = load_causal_lm(str(tiny_llama), tokenizer)
     policy = add_lora(load_causal_lm(str(tiny_llama), tokenizer), LoraConfig(r=4, alpha=8))
     reference = Reference(lora_policy=policy)
-    rollout, _ = generate(policy, _prompt_ids(tokenizer), 1, 8, 1.0, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    rollout, _ = generate(
+        policy, _prompt_ids(tokenizer), 1, 8, 1.0, tokenizer.pad_token_id, [tokenizer.eos_token_id], speed=FAST
+    )
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start, 1.0)
     with torch.no_grad():
-        (expected,) = response_logprobs(base_logprobs_model, *args)
-        (policy_before,) = response_logprobs(policy, *args)
+        (expected,) = response_logprobs(base_logprobs_model, *args, speed=FAST)
+        (policy_before,) = response_logprobs(policy, *args, speed=FAST)
     mask = rollout.response_mask
-    assert torch.equal(reference.logprobs(*args)[mask], policy_before[mask])
+    assert torch.equal(reference.logprobs(*args, speed=FAST)[mask], policy_before[mask])
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.add_(0.5)
-        (policy_after,) = response_logprobs(policy, *args)
+        (policy_after,) = response_logprobs(policy, *args, speed=FAST)
     assert not torch.allclose(policy_after[mask], policy_before[mask])
-    torch.testing.assert_close(reference.logprobs(*args)[mask], expected[mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference.logprobs(*args, speed=FAST)[mask], expected[mask], atol=1e-6, rtol=0)
     # Nested use (the reference's own log-probs while the reference is being evaluated) keeps the
     # adapter off until the outermost block ends.
     with reference.as_model() as model, torch.no_grad():
-        reference.logprobs(*args)
-        (inside,) = response_logprobs(model, *args)
+        reference.logprobs(*args, speed=FAST)
+        (inside,) = response_logprobs(model, *args, speed=FAST)
     torch.testing.assert_close(inside[mask], expected[mask], atol=1e-6, rtol=0)
     with torch.no_grad():
-        (after_blocks,) = response_logprobs(policy, *args)
+        (after_blocks,) = response_logprobs(policy, *args, speed=FAST)
     torch.testing.assert_close(after_blocks[mask], policy_after[mask], atol=0, rtol=0)

@@ -10,13 +10,14 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-import tether.sampling_linears as sampling
+import tether.speed.prepared_linears as sampling
 from tests.test_roles import _prompt_ids
 from tether.config import LoraConfig
-from tether.models import load_causal_lm, load_tokenizer
-from tether.roles.policy import add_lora, response_logprobs
-from tether.rollout import generate, left_pad
-from tether.sampling_linears import sampling_linears
+from tether.loading.models import add_lora, load_causal_lm, load_tokenizer
+from tether.roles.policy import response_logprobs
+from tether.sampling import generate, left_pad
+from tether.speed import FAST
+from tether.speed.prepared_linears import prepared_linears
 
 ONEDNN = sampling._onednn_usable("cpu")
 
@@ -54,15 +55,23 @@ def test_lora_policy_samples_the_trained_policy_and_no_weight_changes(tiny_llama
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     torch.manual_seed(0)
     rollout, sampled = generate(
-        policy, _prompt_ids(tokenizer), 2, 12, 0.8, tokenizer.pad_token_id, [tokenizer.eos_token_id], True
+        policy,
+        _prompt_ids(tokenizer),
+        2,
+        12,
+        0.8,
+        tokenizer.pad_token_id,
+        [tokenizer.eos_token_id],
+        speed=FAST,
+        return_logprobs=True,
     )
     assert all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
     assert _replaced(policy) == []
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.8)
     with torch.no_grad():
-        (trained,) = response_logprobs(policy, *args)
+        (trained,) = response_logprobs(policy, *args, speed=FAST)
         with policy.disable_adapter():
-            (base,) = response_logprobs(policy, *args)
+            (base,) = response_logprobs(policy, *args, speed=FAST)
     mask = rollout.response_mask
     torch.testing.assert_close(sampled[mask], trained[mask], atol=1e-5, rtol=0)
     assert (sampled[mask] - base[mask]).abs().max() > 1e-2  # the adapter matters to what was sampled
@@ -75,7 +84,7 @@ def test_every_linear_layer_is_replaced_and_gives_the_same_logits(tiny_llama):
     expected = _logits(policy, tokenizer)
     lora_layers = {name for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
     assert lora_layers
-    with sampling_linears(policy) as count:
+    with prepared_linears(policy) as count:
         replaced = set(_replaced(policy))
         inside = _logits(policy, tokenizer)
         assert not torch.is_grad_enabled()
@@ -96,7 +105,7 @@ def test_a_model_without_adapter_gives_the_same_logits(tiny_llama):
     tokenizer = load_tokenizer(str(tiny_llama))
     model = load_causal_lm(str(tiny_llama), tokenizer)
     expected = _logits(model, tokenizer)
-    with sampling_linears(model) as count:
+    with prepared_linears(model) as count:
         inside = _logits(model, tokenizer)
     linears = sum(type(m) is nn.Linear for m in model.modules())
     assert count == (linears if ONEDNN else 0)
@@ -110,7 +119,7 @@ def test_without_onednn_only_lora_layers_are_folded(tiny_llama, monkeypatch):
     monkeypatch.setattr(sampling, "_onednn_usable", lambda device_type: False)
     tokenizer, policy = _moved_lora_policy(tiny_llama)
     expected = _logits(policy, tokenizer)
-    with sampling_linears(policy):
+    with prepared_linears(policy):
         replaced = set(_replaced(policy))
         inside = _logits(policy, tokenizer)
     assert replaced == {name for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
@@ -121,7 +130,7 @@ def test_a_disabled_adapter_samples_the_base_model(tiny_llama):
     tokenizer, policy = _moved_lora_policy(tiny_llama)
     with policy.disable_adapter():
         expected = _logits(policy, tokenizer)
-        with sampling_linears(policy):
+        with prepared_linears(policy):
             inside = _logits(policy, tokenizer)
     torch.testing.assert_close(inside, expected, atol=1e-5, rtol=1e-5)
 
@@ -131,7 +140,7 @@ def test_lora_variants_it_cannot_fold_run_as_they_are(tiny_llama):
     the answer stays right)."""
     tokenizer, policy = _moved_lora_policy(tiny_llama, dora=True)
     expected = _logits(policy, tokenizer)
-    with sampling_linears(policy):
+    with prepared_linears(policy):
         replaced = set(_replaced(policy))
         inside = _logits(policy, tokenizer)
     assert not any(isinstance(policy.get_submodule(name), LoraLayer) for name in replaced)
@@ -141,16 +150,16 @@ def test_lora_variants_it_cannot_fold_run_as_they_are(tiny_llama):
 def test_only_float32_without_autocast_is_prepared(tiny_llama):
     """In bf16 (weights or autocast) W + dW would round a small update away."""
     tokenizer, policy = _moved_lora_policy(tiny_llama)
-    with torch.autocast("cpu", dtype=torch.bfloat16), sampling_linears(policy) as count:
+    with torch.autocast("cpu", dtype=torch.bfloat16), prepared_linears(policy) as count:
         assert count == 0
-    with sampling_linears(policy.to(torch.bfloat16)) as count:
+    with prepared_linears(policy.to(torch.bfloat16)) as count:
         assert count == 0
         assert _replaced(policy) == []
 
 
 def test_every_layer_is_restored_when_the_block_raises(tiny_llama):
     tokenizer, policy = _moved_lora_policy(tiny_llama)
-    with pytest.raises(RuntimeError, match="inside"), sampling_linears(policy) as count:
+    with pytest.raises(RuntimeError, match="inside"), prepared_linears(policy) as count:
         assert count > 0
         raise RuntimeError("inside")
     assert _replaced(policy) == []

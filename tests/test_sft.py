@@ -18,12 +18,13 @@ from tests.test_ppo import PROMPTS, REWARD_FILE, tiny_config
 from tether.cli import main
 from tether.config import SFTConfig, load_config
 from tether.data import DataError, Prompt, load_sft_examples
-from tether.models import eos_token_ids, load_causal_lm, load_tokenizer
+from tether.loading.models import eos_token_ids, load_causal_lm, load_tokenizer
 from tether.roles.policy import response_logprobs
-from tether.runlog import read_jsonl
+from tether.run.log import read_jsonl
+from tether.speed import FAST
+from tether.stages.offline import Encoder
 from tether.stages.ppo import PPOTrainer
 from tether.stages.sft import EncodedExample, SFTTask, SFTTrainer
-from tether.stages.supervised import Encoder
 
 PROMPT_WORDS = ["hello", "world", "why", "what", "how", "tell", "me", "about", "please", "thanks", "cat", "dog", "sun"]
 COLOURS = ["red", "blue", "green"]
@@ -93,7 +94,7 @@ def ppo_task(tmp_path: Path) -> Path:
 def _encoder_and_task(model: Path, data: tuple[Path, Path]) -> tuple[Encoder, SFTTask]:
     config = load_config(SFTConfig, None, sft_overrides(model, data))
     tokenizer = load_tokenizer(str(model))
-    return Encoder(tokenizer, config, eos_token_ids(tokenizer)[0]), SFTTask(int(tokenizer.pad_token_id))
+    return Encoder(tokenizer, config, eos_token_ids(tokenizer)[0]), SFTTask(int(tokenizer.pad_token_id), config.speed)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def test_sft_cli_lowers_the_held_out_loss(trained_sft, tiny_llama, sft_data, tmp
 
     untrained_trainer = SFTTrainer(load_config(SFTConfig, None, sft_overrides(tiny_llama, sft_data)), tmp_path / "u")
     untrained = untrained_trainer.evaluate()["eval/loss"]
-    untrained_trainer.runlog.close()
+    untrained_trainer.run.runlog.close()
     assert untrained > 3.0, untrained  # ~log(44): a random model over the vocabulary
     assert trained < 0.7 * untrained, (untrained, trained)
     early = sum(r["loss/sft"] for r in rows[:4]) / 4
@@ -138,9 +139,9 @@ def test_micro_batching_does_not_change_an_sft_update(tiny_llama, sft_data, tmp_
         extra = ("train.steps=1", "train.lr=1e-2", f"train.micro_batch_size={micro}")
         config = load_config(SFTConfig, None, sft_overrides(tiny_llama, sft_data, *extra))
         trainer = SFTTrainer(config, tmp_path / str(micro))
-        trainer.step = 1
-        metrics[micro] = trainer.train_step()
-        trainer.runlog.close()
+        trainer.run.step = 1
+        metrics[micro] = trainer.iteration()[0]
+        trainer.run.runlog.close()
         grads[micro] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     lengths = {len(e.response) for e in trainer.train_examples}
     assert len(lengths) > 1, "all responses equally long: token and example means would coincide"
@@ -278,7 +279,7 @@ def test_full_sft_model_starts_ppo_with_zero_kl(trained_sft, tiny_llama, ppo_tas
     for name, tensor in sft_model.state_dict().items():
         assert torch.equal(policy[name], tensor), name
     assert any(not torch.equal(policy[k], v) for k, v in base.state_dict().items()), "SFT did not change weights"
-    trainer.step = 1
+    trainer.run.step = 1
     metrics, _ = trainer.iteration()
     assert metrics["objective/kl"] == 0.0
     assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-6
@@ -311,9 +312,9 @@ def test_lora_sft_saves_an_adapter_of_the_trained_model(lora_sft, tiny_llama):
     probe = torch.tensor([[4, 28, 29, 5, 6, 16, 9, 20, 3]])  # <|user|> hello world <|assistant|> the cat is red <eos>
     mask = torch.ones_like(probe, dtype=torch.bool)
     with torch.no_grad():
-        (merged_lp,) = response_logprobs(merged, probe, mask, 4, 1.0)
-        (adapted_lp,) = response_logprobs(adapted, probe, mask, 4, 1.0)
-        (base_lp,) = response_logprobs(base, probe, mask, 4, 1.0)
+        (merged_lp,) = response_logprobs(merged, probe, mask, 4, 1.0, speed=FAST)
+        (adapted_lp,) = response_logprobs(adapted, probe, mask, 4, 1.0, speed=FAST)
+        (base_lp,) = response_logprobs(base, probe, mask, 4, 1.0, speed=FAST)
     torch.testing.assert_close(merged_lp, adapted_lp, atol=1e-5, rtol=0)
     assert not torch.allclose(merged_lp, base_lp, atol=1e-4), "the adapter did not move the model"
 
@@ -330,11 +331,13 @@ def test_ppo_starts_from_a_lora_sft_adapter(lora_sft, tiny_llama, ppo_task):
     probe = torch.tensor([prompt + tokenizer("the cat is red", add_special_tokens=False)["input_ids"] + [3]])
     mask = torch.ones_like(probe, dtype=torch.bool)
     with torch.no_grad():
-        (policy_lp,) = response_logprobs(trainer.policy, probe, mask, len(prompt), 1.0)
-        (adapted_lp,) = response_logprobs(adapted, probe, mask, len(prompt), 1.0)
+        (policy_lp,) = response_logprobs(trainer.policy, probe, mask, len(prompt), 1.0, speed=FAST)
+        (adapted_lp,) = response_logprobs(adapted, probe, mask, len(prompt), 1.0, speed=FAST)
     torch.testing.assert_close(policy_lp, adapted_lp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(trainer.reference.logprobs(probe, mask, len(prompt), 1.0), policy_lp, atol=0, rtol=0)
-    trainer.step = 1
+    torch.testing.assert_close(
+        trainer.reference.logprobs(probe, mask, len(prompt), 1.0, speed=FAST), policy_lp, atol=0, rtol=0
+    )
+    trainer.run.step = 1
     metrics, _ = trainer.iteration()
     assert metrics["objective/kl"] == 0.0
 
@@ -345,7 +348,7 @@ def test_a_model_loaded_from_an_adapter_folder_is_trainable(tiny_llama, tmp_path
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from tether.models import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.loading.models import load_causal_lm, load_scalar_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_llama))
     adapted = get_peft_model(

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tether.roles.shared_prefix as shared_prefix
-import tether.rollout as rollout_module
+import tether.sampling as rollout_module
 from tether.config import LoraConfig
-from tether.models import load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
-from tether.roles.policy import add_lora, response_logprobs
+from tether.loading.models import add_lora, load_causal_lm, load_scalar_model, load_tokenizer, scalar_head
+from tether.roles.policy import response_logprobs
 from tether.roles.reward import sequence_scores
-from tether.roles.shared_prefix import MIN_SHARED_TOKENS, expand_to_columns, split_shared_prefix
 from tether.roles.value import ValueHead, response_values
-from tether.rollout import generate, left_pad
+from tether.sampling import generate, left_pad
+from tether.speed import FAST, PLAIN
+from tether.speed.shared_prefix import MIN_SHARED_TOKENS, expand_to_columns, split_shared_prefix
 
 PAD = 0
 
@@ -86,12 +86,8 @@ def test_expand_to_columns_puts_every_state_back_in_its_column():
     assert torch.equal(back, states)
 
 
-def _plain(monkeypatch):
-    monkeypatch.setattr(shared_prefix, "MIN_SHARED_TOKENS", 10**6)
-
-
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_gpt2"])
-def test_policy_logprobs_values_and_gradients_equal_the_plain_pass(request, monkeypatch, model_fixture):
+def test_policy_logprobs_values_and_gradients_equal_the_plain_pass(request, model_fixture):
     path = str(request.getfixturevalue(model_fixture))
     tokenizer = load_tokenizer(path)
     policy = add_lora(load_causal_lm(path, tokenizer), LoraConfig(r=4, alpha=8))
@@ -105,16 +101,17 @@ def test_policy_logprobs_values_and_gradients_equal_the_plain_pass(request, monk
     ids, mask, start = _batch(PROMPTS, RESPONSES)
     assert split_shared_prefix(ids, mask, start) is not None
 
-    def run():
+    def run(speed):
         policy.zero_grad(set_to_none=True)
-        logprobs, entropy, values = response_logprobs(policy, ids, mask, start, 0.7, True, head)
+        logprobs, entropy, values = response_logprobs(
+            policy, ids, mask, start, 0.7, speed=speed, with_entropy=True, value_head=head
+        )
         (logprobs * mask[:, start:]).sum().backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         return logprobs.detach(), entropy, values.detach(), grads
 
-    shared = run()
-    _plain(monkeypatch)
-    plain = run()
+    shared = run(FAST)
+    plain = run(PLAIN)
     response_mask = mask[:, start:]
     for got, expected in zip(shared[:3], plain[:3], strict=True):
         torch.testing.assert_close(got[response_mask], expected[response_mask], atol=1e-5, rtol=1e-5)
@@ -123,17 +120,15 @@ def test_policy_logprobs_values_and_gradients_equal_the_plain_pass(request, monk
         torch.testing.assert_close(shared[3][name], grad, atol=1e-5, rtol=1e-4)
 
 
-def test_value_model_and_reward_model_read_the_same_with_a_shared_prefix(tiny_llama, monkeypatch):
+def test_value_model_and_reward_model_read_the_same_with_a_shared_prefix(tiny_llama):
     tokenizer = load_tokenizer(str(tiny_llama))
     scalar = load_scalar_model(str(tiny_llama), tokenizer, new_head="reward")
     with torch.no_grad():
         scalar_head(scalar).weight.normal_()
     ids, mask, start = _batch(PROMPTS, RESPONSES)
     with torch.no_grad():
-        shared = (response_values(scalar, ids, mask, start), sequence_scores(scalar, ids, mask))
-    _plain(monkeypatch)
-    with torch.no_grad():
-        plain = (response_values(scalar, ids, mask, start), sequence_scores(scalar, ids, mask))
+        shared = (response_values(scalar, ids, mask, start, FAST), sequence_scores(scalar, ids, mask, FAST))
+        plain = (response_values(scalar, ids, mask, start, PLAIN), sequence_scores(scalar, ids, mask, PLAIN))
     response_mask = mask[:, start:]
     torch.testing.assert_close(shared[0][response_mask], plain[0][response_mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
@@ -148,7 +143,7 @@ def test_generation_with_a_cached_prefix_samples_the_policy(request, monkeypatch
     path = str(request.getfixturevalue(model_fixture))
     tokenizer = load_tokenizer(path)
     policy = load_causal_lm(path, tokenizer)
-    if lora:  # a moved adapter: sampling folds it into W + dW (sampling_linears.py) on top of the cache
+    if lora:  # a moved adapter: sampling folds it into W + dW (speed/prepared_linears.py) on top of the cache
         policy = add_lora(policy, LoraConfig(r=4, alpha=8))
         with torch.no_grad():
             for name, param in policy.named_parameters():
@@ -161,15 +156,16 @@ def test_generation_with_a_cached_prefix_samples_the_policy(request, monkeypatch
     )
     torch.manual_seed(0)
     eos = [tokenizer.eos_token_id]
-    rollout, sampled = generate(policy, PROMPTS, 2, 6, 0.9, tokenizer.pad_token_id, eos, True)
+    rollout, sampled = generate(
+        policy, PROMPTS, 2, 6, 0.9, tokenizer.pad_token_id, eos, speed=FAST, return_logprobs=True
+    )
     assert calls == [len(SYSTEM)]
     expected_ids, expected_mask = left_pad(PROMPTS, tokenizer.pad_token_id)
     assert torch.equal(rollout.prompt_ids, expected_ids.repeat_interleave(2, dim=0))
     assert torch.equal(rollout.prompt_mask, expected_mask.repeat_interleave(2, dim=0))
-    _plain(monkeypatch)  # recomputed by the plain pass: no shared path on either side of the check
-    with torch.no_grad():
+    with torch.no_grad():  # recomputed by the plain pass: no shared path on the other side of the check
         (recomputed,) = response_logprobs(
-            policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.9
+            policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.9, speed=PLAIN
         )
     mask = rollout.response_mask
     torch.testing.assert_close(sampled[mask], recomputed[mask], atol=1e-5, rtol=1e-5)

@@ -10,9 +10,10 @@ import torch
 from tests.test_roles import _prompt_ids
 from tether.config import LoraConfig
 from tether.core.logprobs import sample_tokens
-from tether.models import load_causal_lm, load_tokenizer
-from tether.roles.policy import add_lora, response_logprobs
-from tether.rollout import generate
+from tether.loading.models import add_lora, load_causal_lm, load_tokenizer
+from tether.roles.policy import response_logprobs
+from tether.sampling import generate
+from tether.speed import FAST
 
 
 def test_each_token_is_the_first_whose_cumulative_probability_exceeds_the_uniform_number():
@@ -74,10 +75,20 @@ def test_generation_ignores_the_models_own_processors_and_reports_what_it_drew(t
         model = add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
     rollout, sampled = generate(
-        model, _prompt_ids(tokenizer), 2, 10, 0.8, tokenizer.pad_token_id, [tokenizer.eos_token_id], True
+        model,
+        _prompt_ids(tokenizer),
+        2,
+        10,
+        0.8,
+        tokenizer.pad_token_id,
+        [tokenizer.eos_token_id],
+        speed=FAST,
+        return_logprobs=True,
     )
     with torch.no_grad():
-        (recomputed,) = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.8)
+        (recomputed,) = response_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.8, speed=FAST
+        )
     mask = rollout.response_mask
     torch.testing.assert_close(sampled[mask], recomputed[mask], atol=1e-5, rtol=0)
     inner = model.get_base_model() if lora else model

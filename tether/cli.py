@@ -8,6 +8,7 @@
     tether STAGE --print-config [--config FILE.yaml] [key.sub=value ...]
     tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
     tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
+    tether serve-reward (--function FILE.py:NAME | --model DIR) [--host H] [--port N] [...]
 
 A TARGET is a run directory (its final model), a checkpoint folder, or a model name.
 
@@ -29,7 +30,6 @@ from typing import Any
 
 import yaml
 
-from tether.checkpoint import atomic_write_text
 from tether.config import (
     ConfigError,
     DPOConfig,
@@ -40,8 +40,10 @@ from tether.config import (
     SFTConfig,
     config_to_dict,
     load_config,
+    read_config_tree,
 )
 from tether.errors import TetherError, TrainingInterrupted
+from tether.files import atomic_write_text
 
 STAGES: dict[str, type] = {
     "sft": SFTConfig,
@@ -78,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "serve-reward":  # a program of its own, with its own flags
+        from tether.serve_reward import main as serve_reward
+
+        return serve_reward(words[1:])
+    args = build_parser().parse_intermixed_args(words)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -105,9 +112,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.stage == "compare" and len(targets) < 2:
         raise ConfigError("tether compare needs at least two TARGETs to compare")
     config_path = args.config or _config_of_a_run(args, targets)
-    config = load_config(_config_class(args.stage, config_path), config_path, overrides)
+    config = load_config(
+        _config_class(args.stage, config_path), config_path, overrides, allow_missing=args.print_config
+    )
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        for note in config.missing():  # printing the defaults must work; running needs these too
+            print(f"# still to set before a run: {note}")
         return 0
     if args.stage in TRAINING:
         return _train(args, config)
@@ -119,10 +130,10 @@ def _config_class(stage: str, config_path: Path | None) -> type:
     place of `ppo`) as a GRPOConfig, so a grpo run can be judged with its own settings."""
     if stage in ("eval", "compare") and config_path is not None:
         try:
-            tree = yaml.safe_load(config_path.read_text())
-        except (OSError, yaml.YAMLError):
-            tree = None  # load_config reports the problem with the file
-        if isinstance(tree, dict) and "grpo" in tree and "ppo" not in tree:
+            tree = read_config_tree(config_path)
+        except ConfigError:
+            tree = {}  # load_config reports the problem with the file
+        if "grpo" in tree and "ppo" not in tree:
             return GRPOConfig
     return STAGES[stage]
 
@@ -184,7 +195,7 @@ def _judge(args: argparse.Namespace, config: OnlineConfig, specs: list[str]) -> 
     if output is None:
         if args.stage == "compare" or targets[0].run_dir is None:
             raise ConfigError(f"tether {args.stage} needs --output DIR for where to write its results")
-        output = targets[0].run_dir / "eval"  # a run's own eval/ folder (CONTRACT.md)
+        output = targets[0].run_dir / "eval"  # a run's own eval/ folder
     if args.stage == "compare":
         from tether.evaluation.report import write_report
 

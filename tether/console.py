@@ -1,7 +1,11 @@
-"""What a person watching the terminal sees: a live progress bar and tables of samples."""
+"""What a person watching a run sees: a live progress bar in a terminal (one plain line per step
+elsewhere: CI logs, nohup, Slurm), tables of samples, alarms and the final report."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -12,8 +16,36 @@ from rich.table import Table
 console = Console()
 
 
-def progress_bar() -> Progress:
-    return Progress(
+class StepProgress:
+    """Progress over a run's steps: `update(step, status)` after each one; `console` prints above it."""
+
+    def __init__(self, name: str, total: int, completed: int, live: Progress | None) -> None:
+        self.name, self.total, self.first = name, total, completed
+        self.live = live
+        self.task = live.add_task(name, total=total, completed=completed, status="") if live is not None else None
+        self.started = time.perf_counter()
+        self.console = live.console if live is not None else console
+
+    def update(self, step: int, status: str) -> None:
+        if self.live is not None and self.task is not None:
+            self.live.update(self.task, completed=step, status=status)
+            return
+        # No terminal: one plain line per step, with the time left at this session's pace.
+        done = step - self.first
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        left = _duration(per_step * (self.total - step))
+        self.console.print(
+            f"{self.name} step {step}/{self.total}  {status}  ({left} left)", markup=False, highlight=False
+        )
+
+
+@contextmanager
+def step_progress(name: str, total: int, completed: int) -> Iterator[StepProgress]:
+    """A live progress bar when the console is a terminal, else plain lines (StepProgress.update)."""
+    if not console.is_terminal:
+        yield StepProgress(name, total, completed, None)
+        return
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -21,13 +53,24 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+    with bar:
+        yield StepProgress(name, total, completed, bar)
 
 
-def status_line(metrics: dict[str, float]) -> str:
-    return (
-        f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}  "
-        f"len {metrics['response/length_mean']:.0f}  {metrics['time/step_s']:.1f}s/step"
-    )
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+StatusKeys = tuple[tuple[str, str, str], ...]  # (label, metric key, format) of the metrics a step shows
+
+
+def status_line(metrics: dict[str, float], keys: StatusKeys) -> str:
+    """The status of a step: (label, metric key, format) for each metric the step logged, then its time."""
+    parts = [f"{label} {metrics[key]:{fmt}}" for label, key, fmt in keys if key in metrics]
+    return "  ".join([*parts, f"{metrics['time/step_s']:.1f}s/step"])
 
 
 def _clip(text: str, width: int) -> str:

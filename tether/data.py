@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tether.config import DataConfig
+from tether.config import PromptData
 from tether.errors import TetherError
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def encode_prompt(
     return ids
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], config: DataConfig) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], config: PromptData) -> list[list[int]]:
     """Token ids of every prompt, with the data section's chat-template and length settings."""
     chat = uses_chat_template(tokenizer, config.apply_chat_template)
     return [encode_prompt(tokenizer, p, chat, config.max_prompt_length, config.prompt_overflow) for p in prompts]

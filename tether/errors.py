@@ -3,7 +3,8 @@
 The command line prints such an error without a traceback (unless --debug) and exits with its
 `exit_code`: 2 for input that cannot be used, 1 for a run that failed, 128 + N for a run stopped
 by signal N after writing a checkpoint. Each module defines its own subclasses next to the code
-that raises them (ConfigError in config.py, DataError in data.py, ...).
+that raises them (ConfigError in config/, DataError in data.py, ...); the errors two modules raise
+live here.
 """
 
 from __future__ import annotations
@@ -25,3 +26,7 @@ class TrainingInterrupted(TetherError):
     def __init__(self, message: str, signal_number: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signal_number
+
+
+class RewardError(TetherError, RuntimeError):
+    """A reward source (function, model, judge) that cannot be loaded or returned something unusable."""

@@ -16,7 +16,6 @@ single-process no-op.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import signal
@@ -69,49 +68,10 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return process_seed
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_GLIBC_HEAP_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep the memory tensors free for the next tensors, as a GPU caching allocator
-    does, instead of handing it back to the OS and page-faulting it in again. Returns whether it
-    applied: glibc only, and never when the user set one of glibc's heap variables
-    (`_GLIBC_HEAP_ENV`).
-
-    An RLHF iteration allocates and frees the same working set every time (activations, logits,
-    gradients: ~1.5 GiB for LoRA PPO on the embedded model). By default glibc maps every tensor
-    above its mmap threshold (at most 32 MiB) freshly and unmaps it on free, and gives the top of
-    its heap back whenever more than twice that is free, so every iteration faults most of its
-    working set in again: 150k-500k minor faults per phase, and on a VM each fault can cost
-    10-35 us, seconds per iteration (benchmarks/README.md). With no mmaps and a 2 GiB trim
-    threshold the heap is reused: zero faults in steady state, and the peak resident set
-    levels off at the largest working set.
-    """
-    if _mallopt is None or any(name in os.environ for name in _GLIBC_HEAP_ENV):
-        return False
-    return bool(_mallopt(_M_MMAP_MAX, 0)) and bool(_mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def _find_mallopt() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).mallopt  # the process's own libc
-    except (OSError, AttributeError):  # musl and other libcs have no mallopt
-        return None
-
-
-_mallopt = _find_mallopt()
-
-
 def prepare_process(num_threads: int | None, seed: int, device: str) -> torch.device:
     """What every training stage does first: thread count, the device it runs on, the process
-    group when torchrun started it, this process's seeds, and a heap that keeps freed memory."""
+    group when torchrun started it, and this process's seeds."""
     set_threads(num_threads)
-    keep_freed_memory()
     chosen = pick_device(device)
     join_process_group(chosen)
     seed_everything(seed, world().rank)

@@ -56,3 +56,12 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """
     var_returns = masked_var(returns, mask)
     return 1.0 - masked_var(returns - values, mask) / var_returns
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position of each real token among the real tokens of its row. (B, L) -> (B, L).
+
+    Every forward pass derives its position ids from the attention mask, exactly as `generate`
+    does, so a token's log-prob does not depend on how much padding surrounds it
+    (docs/concepts/details.md item 3)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

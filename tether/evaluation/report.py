@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tether.checkpoint import atomic_write_text
 from tether.config import OnlineConfig
 from tether.evaluation.runner import START, Target, evaluate_targets
-from tether.runlog import read_jsonl
+from tether.files import atomic_write_text
+from tether.run.log import read_jsonl
 
 # (metric key, plot title): the curves a PPO run is read by, in reading order.
 CURVES = [

@@ -10,6 +10,7 @@ Win rates compare each target with the baseline (the starting model) prompt by p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.config import ConfigError, EvalConfig, OnlineConfig
+from tether.config import ConfigError, EvalConfig, OnlineConfig, SpeedConfig
 from tether.core import kl_per_token
 from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
 from tether.evaluation.metrics import (
@@ -29,12 +30,15 @@ from tether.evaluation.metrics import (
     top_openings,
     win_rate,
 )
-from tether.models import ModelNotFoundError, eos_token_ids, load_causal_lm, load_tokenizer
+from tether.loading.functions import load_function
+from tether.loading.models import ModelNotFoundError, eos_token_ids, load_causal_lm, load_tokenizer
+from tether.loading.roles import load_rewards
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
-from tether.roles.reward import RewardSources, call_function, load_function, reward_sources
-from tether.rollout import decode_responses, generate
+from tether.roles.reward import RewardSources, call_function
 from tether.runtime import autocast, pick_device
+from tether.sampling import decode_responses, generate
+from tether.trajectory import Trajectory
 
 SHIPPED_EVAL_PROMPTS = "eval_prompts.jsonl"
 START = "start"  # the name the starting model (the reference) gets in every evaluation
@@ -55,8 +59,10 @@ class Evaluator:
         eos_ids: list[int],
         device: torch.device,
         dtype: str,
+        speed: SpeedConfig,
     ) -> None:
         self.settings = settings
+        self.speed = speed
         self.tokenizer = tokenizer
         self.reference = reference
         self.rewards = rewards
@@ -87,10 +93,14 @@ class Evaluator:
                     temperature,
                     int(self.tokenizer.pad_token_id),
                     self.eos_ids,
+                    speed=self.speed,
                 )
-        texts = decode_responses(self.tokenizer, rollout, self.eos_ids)
         prompt_texts = [p.text for p in self.prompts]
-        scores, parts = self.rewards.score_rollout(rollout, prompt_texts, texts)
+        rollout = dataclasses.replace(
+            rollout, prompts=tuple(prompt_texts), responses=decode_responses(self.tokenizer, rollout, self.eos_ids)
+        )
+        texts = list(rollout.responses)
+        scores, parts = self.rewards.score_trajectory(rollout)
         judge = self._judge_scores(scores, parts, prompt_texts, texts, rollout.finished.tolist())
         kl = self._sequence_kl(model, rollout) if temperature > 0 else None
 
@@ -134,15 +144,15 @@ class Evaluator:
         assert self.judge_function is not None
         return call_function(self.judge_function, self.judge_name, prompts, texts, finished=finished)
 
-    def _sequence_kl(self, model: Any, rollout: Any) -> Tensor:
+    def _sequence_kl(self, model: Any, rollout: Trajectory) -> Tensor:
         """Per response: sum over its tokens of the k3 estimate of KL(model || reference), in nats,
         under the eval temperature. k3 is unbiased and never negative per token, so a small eval set
         gives a usable number. (B,)"""
         ids, attn = rollout.input_ids.to(self.device), rollout.attention_mask.to(self.device)
         start, temperature = rollout.response_start, self.settings.temperature
         with autocast(self.device, self.dtype):
-            (logprobs,) = response_logprobs(model, ids, attn, start, temperature)
-            ref_logprobs = self.reference.logprobs(ids, attn, start, temperature)
+            (logprobs,) = response_logprobs(model, ids, attn, start, temperature, speed=self.speed)
+            ref_logprobs = self.reference.logprobs(ids, attn, start, temperature, self.speed)
         kl = kl_per_token(logprobs, ref_logprobs, "k3")
         mask = rollout.response_mask.to(self.device)
         return torch.where(mask, kl, torch.zeros_like(kl)).sum(dim=1).cpu()
@@ -230,7 +240,7 @@ def build_evaluator(config: OnlineConfig, device: torch.device | None = None) ->
         config.model.ref_model or config.model.name, tokenizer, config.model.trust_remote_code
     )
     reference = Reference(model=reference_model.to(device))
-    rewards = reward_sources(config, tokenizer, device)
+    rewards = load_rewards(config, tokenizer, device)
     return evaluator_for(config, tokenizer, reference, rewards, eos_token_ids(tokenizer, reference_model), device)
 
 
@@ -255,6 +265,7 @@ def evaluator_for(
         eos_ids,
         device,
         config.model.dtype,
+        config.speed,
     )
 
 

@@ -6,27 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
 from torch import Tensor
-from transformers import PreTrainedModel
 
-from tether.config import LoraConfig
+from tether.config import SpeedConfig
 from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits
-from tether.roles.batching import forward_trimmed
-from tether.roles.shared_prefix import forward_sharing_prefix
-
-
-def add_lora(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftModel:
-    """Wrap `model` in a fresh LoRA adapter (B = 0, so the wrapped model starts identical)."""
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-    )
-    return get_peft_model(model, peft_config)
+from tether.roles.forward import forward_trimmed, model_forward
 
 
 def response_logprobs(
@@ -35,6 +19,8 @@ def response_logprobs(
     attention_mask: Tensor,
     response_start: int,
     temperature: float,
+    *,
+    speed: SpeedConfig,
     with_entropy: bool = False,
     value_head: Any = None,
 ) -> tuple[Tensor, ...]:
@@ -49,12 +35,12 @@ def response_logprobs(
     def forward(ids: Tensor, mask: Tensor, response_len: int) -> tuple[Tensor, ...]:
         # Only the logits that predict response tokens: the last R + 1 positions minus the final
         # one. Skipping the prompt's logits saves the LM head (vocab x hidden) on every prompt token.
-        # The prompt prefix every row shares (a chat template's system message) is computed once.
         with lm_head_input(model if value_head is not None else None) as hidden:
-            out, _, _ = forward_sharing_prefix(
+            out, _, _ = model_forward(
                 model,
                 ids,
                 mask,
+                speed,
                 shareable_columns=ids.shape[1] - response_len,
                 prefix_kwargs={"logits_to_keep": 1},
                 logits_to_keep=response_len + 1,
@@ -68,7 +54,7 @@ def response_logprobs(
         )
         if value_head is not None:
             # The state before token t is read where the logits predicting t are: the same positions.
-            outputs = (*outputs, value_head(hidden[-1][:, :-1]))  # the last call: the prefix's comes first
+            outputs = (*outputs, value_head(hidden[-1][:, :-1]))  # the last call: a shared prefix's comes first
         return outputs
 
     return forward_trimmed(forward, input_ids, attention_mask, response_start)

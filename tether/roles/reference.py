@@ -1,7 +1,7 @@
 """The reference: the frozen starting policy that the KL penalty tethers the policy to.
 
 Either its own frozen model (full fine-tuning), or, for a LoRA policy, the policy itself with the
-adapter disabled: the same base weights, no second copy (RLHF-DETAILS 17).
+adapter disabled: the same base weights, no second copy (docs/concepts/details.md item 17).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tether.config import SpeedConfig
 from tether.roles.policy import response_logprobs
 
 
@@ -47,7 +48,9 @@ class Reference:
                 self._adapter_off = False
 
     @torch.no_grad()
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, response_start: int, temperature: float) -> Tensor:
+    def logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, response_start: int, temperature: float, speed: SpeedConfig
+    ) -> Tensor:
         """(B, P + R) -> (B, R) reference log-probs of the response under the rollout temperature."""
         with self.as_model() as model:
-            return response_logprobs(model, input_ids, attention_mask, response_start, temperature)[0]
+            return response_logprobs(model, input_ids, attention_mask, response_start, temperature, speed=speed)[0]

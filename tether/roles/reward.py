@@ -8,64 +8,27 @@ returns is checked: one finite number per response, or a RewardError naming the 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tether.config import OnlineConfig, RewardConfig
+from tether.config import RewardConfig, SpeedConfig
 from tether.core.advantages import last_true_index
-from tether.errors import TetherError
-from tether.models import load_scalar_model, load_tokenizer, scalar_head
-from tether.roles.batching import in_chunks
-from tether.roles.value import backbone_hidden
-from tether.rollout import Rollout
+from tether.errors import RewardError
+from tether.remote_reward import RemoteReward
+from tether.roles.forward import in_chunks
+from tether.roles.value import backbone_hidden, scalar_head
 from tether.runtime import autocast
+from tether.trajectory import Trajectory
 
 RewardFunction = Callable[..., Sequence[float]]
-
-
-class RewardError(TetherError, RuntimeError):
-    """A reward source that cannot be loaded or returned something unusable."""
-
-
-def load_function(spec: str) -> RewardFunction:
-    """'path/to/file.py:name' or 'package.module:name' -> the callable."""
-    if ":" not in spec:
-        raise RewardError(f"reward function {spec!r} must be 'path/to/file.py:name' or 'package.module:name'")
-    source, name = spec.rsplit(":", 1)
-    if source.endswith(".py"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise RewardError(f"reward function file {source!r} does not exist")
-        module_name = f"tether_reward_{abs(hash(str(path.resolve())))}"
-        spec_obj = importlib.util.spec_from_file_location(module_name, path)
-        assert spec_obj is not None and spec_obj.loader is not None
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[module_name] = module
-        try:
-            spec_obj.loader.exec_module(module)
-        except Exception as err:
-            raise RewardError(f"importing reward function file {source!r} failed: {err!r}") from err
-    else:
-        try:
-            module = importlib.import_module(source)
-        except Exception as err:
-            raise RewardError(f"cannot import module {source!r} for reward function {spec!r}: {err!r}") from err
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise RewardError(f"{source!r} has no callable named {name!r} (from reward function {spec!r})")
-    return function
 
 
 def call_function(
@@ -97,12 +60,13 @@ def call_function(
 
 
 # config.json key of a reward model's normalisation {"gain": g, "bias": b}: tether scores it as
-# g * raw + b (RLHF-DETAILS 8). Plain transformers ignores the key and returns the raw score.
+# g * raw + b (docs/concepts/details.md item 8). Plain transformers ignores the key and returns the raw score.
 NORMALIZATION_KEY = "tether_score_normalization"
 
 
-def last_token_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """A scalar model's raw output read at the last real token of each sequence (RLHF-DETAILS 5, 6).
+def last_token_scores(model: Any, input_ids: Tensor, attention_mask: Tensor, speed: SpeedConfig) -> Tensor:
+    """A scalar model's raw output read at the last real token of each sequence
+    (docs/concepts/details.md items 5, 6).
 
     The last real token is found from the attention mask, never from the pad id, so it is right
     for left, right or both-sided padding. Differentiable (reward-model training uses it).
@@ -110,7 +74,7 @@ def last_token_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> 
     """
     last = last_true_index(attention_mask)  # (B,)
     end = int(last.max()) + 1
-    hidden = backbone_hidden(model, input_ids[:, :end], attention_mask[:, :end])  # (B, end, H)
+    hidden = backbone_hidden(model, input_ids[:, :end], attention_mask[:, :end], speed)  # (B, end, H)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return scalar_head(model)(picked).squeeze(-1).float()
 
@@ -125,84 +89,80 @@ def score_normalization(model: Any) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def sequence_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def sequence_scores(model: Any, input_ids: Tensor, attention_mask: Tensor, speed: SpeedConfig) -> Tensor:
     """A reward model's score of each sequence: read at the last real token, then normalised
     with the gain and bias saved with the model. (B, L) -> (B,) float32."""
     gain, bias = score_normalization(model)
-    return last_token_scores(model, input_ids, attention_mask) * gain + bias
+    return last_token_scores(model, input_ids, attention_mask, speed) * gain + bias
 
 
 class RewardSources:
-    """Every configured reward source, scored together: a weighted sum, plus each one's raw mean."""
+    """Every configured reward source, scored together: a weighted sum, plus each one's raw scores.
+
+    Receives what loading/roles.py loaded: the frozen reward model (and its own tokenizer when its
+    vocabulary differs from the policy's: it then reads the same text in its own tokens), the
+    reward function, the client of a reward service (remote_reward.py) and the gold judge.
+    `adapted_reward_model`: the reward model is the base of a LoRA model (ppo's value model, which
+    starts from it) and scores with the adapter off, so the same weights are held once.
+    """
 
     def __init__(
         self,
         config: RewardConfig,
         policy_tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
-        trust_remote_code: bool = False,
-        micro_batch_size: int | None = None,
+        *,
+        speed: SpeedConfig,
+        model: Any = None,
+        model_tokenizer: PreTrainedTokenizerBase | None = None,
+        adapted_reward_model: bool = False,
+        function: RewardFunction | None = None,
+        remote: RemoteReward | None = None,
+        gold: RewardFunction | None = None,
+        pass_rows: int | None = None,
         missing_eos_penalty: float | None = None,
         dtype: str = "float32",
     ) -> None:
         self.config = config
-        self.device = device
-        self.dtype = dtype
-        self.micro_batch_size = micro_batch_size
-        self.missing_eos_penalty = missing_eos_penalty
         self.policy_tokenizer = policy_tokenizer
-        self.model: Any = None
-        self.model_tokenizer: PreTrainedTokenizerBase | None = None
-        if config.model is not None:
-            tokenizer = load_tokenizer(config.model, trust_remote_code)
-            self.model = load_scalar_model(config.model, tokenizer, trust_remote_code)
-            self.model.to(device).requires_grad_(False)
-            # Same vocabulary: score the policy's token ids directly. Otherwise re-tokenize text.
-            if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-                self.model_tokenizer = tokenizer
-        self.function = load_function(config.function) if config.function else None
-        self.gold = load_function(config.gold) if config.gold else None
-        self._adapted: Any = None  # a LoRA model on the reward model's weights; scored adapter-off
-
-    def shares_weights_with(self, model_name: str) -> bool:
-        """Whether a model loaded from `model_name` reads this reward model's weights and tokens."""
-        return self.model is not None and self.model_tokenizer is None and model_name == self.config.model
-
-    def score_with_base_of(self, adapted: Any) -> None:
-        """Score with the base of `adapted`, a LoRA model built on this very reward model, with its
-        adapter off, and drop the separate copy: the same weights held once (PPO's LoRA value model,
-        which starts from the reward model; the reference does the same with the policy)."""
-        if not self.shares_weights_with(self.config.model or "") or not hasattr(adapted, "disable_adapter"):
-            raise ValueError("score_with_base_of needs a LoRA model on this reward model's weights")
-        self.model = None
-        self._adapted = adapted
+        self.device = device
+        self.speed = speed
+        self.model = model
+        self.model_tokenizer = model_tokenizer
+        self.adapted_reward_model = adapted_reward_model
+        self.function = function
+        self.remote = remote
+        self.gold = gold
+        self.pass_rows = pass_rows
+        self.missing_eos_penalty = missing_eos_penalty
+        self.dtype = dtype
 
     @contextmanager
     def _reward_model(self) -> Iterator[Any]:
-        if self._adapted is None:
+        if not self.adapted_reward_model:
             yield self.model
             return
         # Adapter off: the LoRA layers are bypassed and the score head is the original one
         # (peft keeps it as the unadapted module beside the trained copy).
-        with self._adapted.disable_adapter():
-            yield self._adapted
+        with self.model.disable_adapter():
+            yield self.model
 
     @torch.no_grad()
-    def score_rollout(
-        self, rollout: Rollout, prompts: list[str], responses: list[str]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def score_trajectory(self, trajectory: Trajectory) -> tuple[Tensor, dict[str, Tensor]]:
         """The score PPO trains on: the reward sources, plus the missing-EOS penalty for responses
-        that did not end (RLHF-DETAILS 5). returns (scores (B,) on the device, raw per-source scores)."""
+        that did not end (docs/concepts/details.md item 5). returns (scores (B,) on the device,
+        raw per-source scores)."""
         with autocast(self.device, self.dtype):
             scores, parts = self.score(
-                rollout.input_ids.to(self.device),
-                rollout.attention_mask.to(self.device),
-                prompts,
-                responses,
-                rollout.finished.tolist(),
+                trajectory.input_ids.to(self.device),
+                trajectory.attention_mask.to(self.device),
+                list(trajectory.prompts),
+                list(trajectory.responses),
+                trajectory.finished.tolist(),
             )
+        finished = trajectory.finished
         if self.missing_eos_penalty is not None:
-            scores = torch.where(rollout.finished, scores, scores + self.missing_eos_penalty)
+            scores = torch.where(finished, scores, scores + self.missing_eos_penalty)
         return scores.to(self.device), parts
 
     def score(
@@ -213,14 +173,14 @@ class RewardSources:
         responses: list[str],
         finished: list[bool],
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total score (B,) and the raw per-source scores keyed 'model', 'function', 'gold'."""
+        """Total score (B,) and the raw per-source scores keyed 'model', 'function', 'url', 'gold'."""
         parts: dict[str, Tensor] = {}
         total = torch.zeros(len(responses))
-        if self.config.model is not None:
+        if self.model is not None:
             ids, mask = self._reward_model_inputs(input_ids, attention_mask)
             with self._reward_model() as model:
                 parts["model"] = in_chunks(
-                    lambda i, m: (sequence_scores(model, i, m),), ids, mask, self.micro_batch_size
+                    lambda i, m: (sequence_scores(model, i, m, self.speed),), ids, mask, self.pass_rows
                 )[0].cpu()
             bad = (~torch.isfinite(parts["model"])).nonzero().flatten().tolist()
             if bad:
@@ -234,6 +194,9 @@ class RewardSources:
             assert self.config.function is not None
             parts["function"] = call_function(self.function, self.config.function, prompts, responses, **kwargs)
             total += self.config.function_weight * parts["function"]
+        if self.remote is not None:
+            parts["url"] = self.remote.score(prompts, responses, finished, **self.config.function_kwargs)
+            total += self.config.url_weight * parts["url"]
         if self.gold is not None:
             assert self.config.gold is not None
             parts["gold"] = call_function(self.gold, self.config.gold, prompts, responses, **kwargs)
@@ -252,16 +215,3 @@ class RewardSources:
         encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         device = input_ids.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-
-
-def reward_sources(config: OnlineConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> RewardSources:
-    """The reward sources a config asks for, with its EOS penalty, batch size and dtype."""
-    return RewardSources(
-        config.reward,
-        tokenizer,
-        device,
-        config.model.trust_remote_code,
-        config.train.micro_batch_size,
-        config.rollout.missing_eos_penalty,
-        config.model.dtype,
-    )

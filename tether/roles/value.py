@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tether.models import scalar_head
-from tether.roles.batching import forward_trimmed
-from tether.roles.shared_prefix import expand_to_columns, forward_sharing_prefix
+from tether.config import SpeedConfig
+from tether.roles.forward import forward_trimmed, model_forward
+from tether.speed.shared_prefix import expand_to_columns
 
 
-def backbone_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def backbone_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor, speed: SpeedConfig) -> Tensor:
     """Last hidden states of a sequence classifier's body. (B, L) -> (B, L, H).
 
     HF sequence classifiers return the score at one pooled position only, found from the pad id;
@@ -28,14 +28,15 @@ def backbone_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Te
     runs the body and applies the head (`models.scalar_head`) where it wants.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # The prompt prefix every row shares is computed once (roles/shared_prefix.py).
-    rest, prefix, split = forward_sharing_prefix(inner.base_model, input_ids, attention_mask)
+    out, prefix, split = model_forward(inner.base_model, input_ids, attention_mask, speed)
     if split is None:
-        return rest.last_hidden_state
-    return expand_to_columns(prefix.last_hidden_state, rest.last_hidden_state, split)
+        return out.last_hidden_state
+    return expand_to_columns(prefix.last_hidden_state, out.last_hidden_state, split)
 
 
-def response_values(model: Any, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
+def response_values(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, response_start: int, speed: SpeedConfig
+) -> Tensor:
     """V(state before response token t) for every response position t.
 
     Read at the position that predicts token t (the one before it), the same convention as the
@@ -43,7 +44,7 @@ def response_values(model: Any, input_ids: Tensor, attention_mask: Tensor, respo
     """
 
     def forward(ids: Tensor, mask: Tensor, response_len: int) -> tuple[Tensor]:
-        hidden = backbone_hidden(model, ids, mask)[:, -response_len - 1 : -1]
+        hidden = backbone_hidden(model, ids, mask, speed)[:, -response_len - 1 : -1]
         return (scalar_head(model)(hidden).squeeze(-1).float(),)
 
     return forward_trimmed(forward, input_ids, attention_mask, response_start)[0]
@@ -90,3 +91,15 @@ class ValueHead(torch.nn.Module):
         head = cls(int(state["linear.weight"].shape[1]))
         head.load_state_dict(state)
         return head
+
+
+def scalar_head(model: Any) -> torch.nn.Module:
+    """The one-output linear head of a sequence classifier (`score` in decoder-only models)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head: torch.nn.Module | None = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no `score` head; tether's reward and value models are "
+            "decoder-only sequence classifiers (LlamaForSequenceClassification and the like)"
+        )
+    return head

@@ -23,13 +23,14 @@ from transformers import PreTrainedTokenizerBase
 
 from tether import console as term
 from tether.config import DPOConfig
+from tether.console import StatusKeys
 from tether.core.masked import masked_sum
 from tether.core.supervised import dpo_loss
 from tether.data import PreferencePair, load_preferences, shipped_data
+from tether.loading.models import ModelKind
 from tether.roles.policy import response_logprobs
 from tether.runtime import is_main
-from tether.stages.common import ModelKind
-from tether.stages.supervised import Encoder, SupervisedTrainer, pack
+from tether.stages.offline import Encoder, OfflineTrainer, pack
 
 SHIPPED = {"train": "preferences_train.jsonl", "eval": "preferences_test.jsonl"}
 REFERENCE_FILE = "reference_logprobs.pt"
@@ -46,6 +47,11 @@ class EncodedPreference:
 class DPOTask:
     name = "dpo"
     kind: ModelKind = "causal"
+    status_keys: StatusKeys = (
+        ("loss", "loss/dpo", ".3f"),
+        ("accuracy", "rewards/accuracies", ".3f"),
+        ("margin", "rewards/margins", ".3f"),
+    )
 
     def __init__(self, config: DPOConfig, pad_id: int) -> None:
         self.config = config
@@ -73,7 +79,7 @@ class DPOTask:
         responses = [e.chosen for e in batch] + [e.rejected for e in batch]
         ids, attn, mask, start = pack(prompts, responses, self.pad_id)
         mask = mask.to(device)
-        (logprobs,) = response_logprobs(model, ids.to(device), attn.to(device), start, temperature=1.0)  # (2N, R)
+        (logprobs,) = response_logprobs(model, ids.to(device), attn.to(device), start, 1.0, speed=self.config.speed)
         per_sequence = masked_sum(logprobs, mask, dim=1)  # (2N,)
         if self.config.dpo.loss_type == "ipo":
             per_sequence = per_sequence / mask.sum(dim=1)
@@ -122,11 +128,11 @@ class DPOTask:
         return model, {}
 
 
-class DPOTrainer(SupervisedTrainer):
-    """`tether dpo`: the shared offline loop with the DPO task."""
+class DPOTrainer(OfflineTrainer):
+    """`tether dpo`: the offline trainer with the DPO task."""
 
     def __init__(self, config: DPOConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False):
         def make_task(tokenizer: PreTrainedTokenizerBase) -> DPOTask:
             return DPOTask(config, int(tokenizer.pad_token_id))
 
-        super().__init__(config, make_task, run_dir, resume, overwrite)
+        super().__init__("dpo", config, make_task, run_dir, resume, overwrite)

@@ -7,7 +7,7 @@ The model is a one-output sequence classifier read at the last real token (the r
 exactly as `reward.model` reads it in PPO. Loss: Bradley-Terry, -log sigmoid(r_chosen - r_rejected
 [- margin]). Held out: accuracy (share of pairs ranked right), the mean score gap, the loss.
 The final model (LoRA merged in) is saved with a gain and bias in its config.json so that its scores
-on the held-out responses have mean 0 and std 1 (RLHF-DETAILS 8); `reward.model` applies them.
+on the held-out responses have mean 0 and std 1 (docs/concepts/details.md item 8); `reward.model` applies them.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from tether.config import RMConfig
+from tether.console import StatusKeys
 from tether.core.supervised import pairwise_loss
 from tether.data import PreferencePair, load_preferences, shipped_data
+from tether.loading.models import ModelKind
 from tether.roles.reward import NORMALIZATION_KEY, last_token_scores
-from tether.rollout import left_pad
-from tether.stages.common import ModelKind
-from tether.stages.supervised import Encoder, SupervisedTrainer
+from tether.sampling import left_pad
+from tether.stages.offline import Encoder, OfflineTrainer
 
 SHIPPED = {"train": "preferences_train.jsonl", "eval": "preferences_test.jsonl"}
 
@@ -42,6 +43,7 @@ class EncodedPair:
 class RewardModelTask:
     name = "rm"
     kind: ModelKind = "scalar"
+    status_keys: StatusKeys = (("loss", "loss/rm", ".3f"), ("accuracy", "rm/accuracy", ".3f"))
 
     def __init__(self, config: RMConfig, pad_id: int) -> None:
         self.config = config
@@ -65,7 +67,7 @@ class RewardModelTask:
         """Raw scores of the chosen and the rejected responses, in one forward pass. (N,), (N,)."""
         device = next(model.parameters()).device
         ids, mask = left_pad([p.chosen for p in batch] + [p.rejected for p in batch], self.pad_id)
-        scores = last_token_scores(model, ids.to(device), mask.to(device))  # (2N,)
+        scores = last_token_scores(model, ids.to(device), mask.to(device), self.config.speed)  # (2N,)
         return scores[: len(batch)], scores[len(batch) :]
 
     def loss(self, model: Any, batch: list[EncodedPair], count: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -119,11 +121,11 @@ def normalization(scores: Tensor) -> tuple[float, float]:
     return gain, -float(scores.mean()) * gain
 
 
-class RMTrainer(SupervisedTrainer):
-    """`tether rm`: the shared offline loop with the reward-model task."""
+class RMTrainer(OfflineTrainer):
+    """`tether rm`: the offline trainer with the reward-model task."""
 
     def __init__(self, config: RMConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False):
         def make_task(tokenizer: PreTrainedTokenizerBase) -> RewardModelTask:
             return RewardModelTask(config, int(tokenizer.pad_token_id))
 
-        super().__init__(config, make_task, run_dir, resume, overwrite)
+        super().__init__("rm", config, make_task, run_dir, resume, overwrite)

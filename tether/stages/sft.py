@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tether.config import SFTConfig
+from tether.config import SFTConfig, SpeedConfig
+from tether.console import StatusKeys
 from tether.core.supervised import response_nll
 from tether.data import SFTExample, load_sft_examples, shipped_data
+from tether.loading.models import ModelKind
 from tether.roles.policy import response_logprobs
-from tether.stages.common import ModelKind
-from tether.stages.supervised import Encoder, SupervisedTrainer, pack
+from tether.stages.offline import Encoder, OfflineTrainer, pack
 
 SHIPPED = {"train": "sft_train.jsonl", "eval": "sft_test.jsonl"}
 
@@ -41,9 +42,11 @@ class EncodedExample:
 class SFTTask:
     name = "sft"
     kind: ModelKind = "causal"
+    status_keys: StatusKeys = (("loss", "loss/sft", ".3f"),)
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, speed: SpeedConfig) -> None:
         self.pad_id = pad_id
+        self.speed = speed
 
     def load(self, path: str | None, split: str) -> list[SFTExample]:
         return load_sft_examples(path or shipped_data(SHIPPED[split]))
@@ -58,7 +61,7 @@ class SFTTask:
     def loss(self, model: Any, batch: list[EncodedExample], count: float) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(model.parameters()).device
         ids, attn, response_mask, start = pack([e.prompt for e in batch], [e.response for e in batch], self.pad_id)
-        (logprobs,) = response_logprobs(model, ids.to(device), attn.to(device), start, temperature=1.0)  # (B, R)
+        (logprobs,) = response_logprobs(model, ids.to(device), attn.to(device), start, 1.0, speed=self.speed)  # (B, R)
         loss, stats = response_nll(logprobs, response_mask.to(device), count)
         return loss, {**stats, "sft/tokens": torch.tensor(float(response_mask.sum()))}
 
@@ -76,11 +79,11 @@ class SFTTask:
         return model, {}
 
 
-class SFTTrainer(SupervisedTrainer):
-    """`tether sft`: the shared offline loop with the SFT task."""
+class SFTTrainer(OfflineTrainer):
+    """`tether sft`: the offline trainer with the SFT task."""
 
     def __init__(self, config: SFTConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False):
         def make_task(tokenizer: PreTrainedTokenizerBase) -> SFTTask:
-            return SFTTask(int(tokenizer.pad_token_id))
+            return SFTTask(int(tokenizer.pad_token_id), config.speed)
 
-        super().__init__(config, make_task, run_dir, resume, overwrite)
+        super().__init__("sft", config, make_task, run_dir, resume, overwrite)

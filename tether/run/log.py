@@ -1,4 +1,5 @@
-"""The run directory's plain-file record: metrics.jsonl, samples.jsonl and TensorBoard events.
+"""The run's plain-file record (metrics.jsonl, samples.jsonl, TensorBoard events) and the clocks
+and memory readings that go into it.
 
 Both JSON Lines files hold one object a line and are appended to as the run goes. On resume,
 rows after the checkpoint's step are dropped (they are about to be recomputed), and TensorBoard is
@@ -10,12 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from tether.checkpoint import atomic_write_text
+from tether.files import atomic_write_text
 from tether.runtime import is_main
 
 
@@ -71,3 +77,29 @@ class RunLog:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+class Timer:
+    """Wall-clock seconds per named phase of a step, and since the timer started."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak so far: allocated GPU memory, or the resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

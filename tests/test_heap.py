@@ -1,4 +1,5 @@
-"""Process-level helpers of tether/runtime.py that no stage test observes directly."""
+"""speed.keep_freed_memory (tether/speed/heap.py): the heap keeps the memory tensors free, so a
+working set allocated again is not page-faulted in again."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from tether import runtime
+from tether.speed import heap
 
 # A child process allocates an iteration-like working set (100 x 4 MiB tensors and one 64 MiB
 # tensor, above glibc's largest mmap threshold), frees it, allocates it again, and reports the
@@ -17,8 +18,8 @@ from tether import runtime
 _WORKING_SET_TWICE = """
 import json, resource, sys
 import torch
-from tether import runtime
-applied = runtime.keep_freed_memory() if sys.argv[1] == "keep" else False
+from tether.speed import heap
+applied = heap.keep_freed_memory() if sys.argv[1] == "keep" else False
 def working_set():
     return [torch.ones(2**20) for _ in range(100)] + [torch.ones(2**24)]
 tensors = working_set()
@@ -39,7 +40,7 @@ def _second_round(mode: str, extra_env: dict[str, str] | None = None) -> dict[st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(runtime._mallopt is None, reason="needs glibc's mallopt")
+@pytest.mark.skipif(heap._find_mallopt() is None, reason="needs glibc's mallopt")
 def test_keep_freed_memory_reuses_the_working_set_without_page_faults():
     kept = _second_round("keep")
     assert kept["applied"] is True
@@ -51,6 +52,6 @@ def test_keep_freed_memory_reuses_the_working_set_without_page_faults():
     assert default["faults"] > 0.75 * WORKING_SET_PAGES, default
 
 
-@pytest.mark.skipif(runtime._mallopt is None, reason="needs glibc's mallopt")
+@pytest.mark.skipif(heap._find_mallopt() is None, reason="needs glibc's mallopt")
 def test_keep_freed_memory_leaves_a_users_malloc_settings_alone():
     assert _second_round("keep", {"MALLOC_TRIM_THRESHOLD_": "131072"})["applied"] is False

@@ -1,8 +1,10 @@
-"""Alarms: signs of a PPO run going wrong, read from its own metric rows (RLHF-DETAILS item 20).
+"""Alarms: signs of a rollout run going wrong, read from its own metric rows
+(docs/concepts/details.md item 20).
 
 Pure functions over the stream of per-iteration metric rows, oldest first, exactly as written to
-metrics.jsonl. `check_alarms(history, settings, kl_target)` returns the alarms active at the last
-row; each is logged as `alarm/<key>` and shown to the user with what it saw and what to do.
+metrics.jsonl. `check_alarms(history, settings, kl_target, algorithm)` returns the alarms active at
+the last row; each is logged as `alarm/<key>` and shown to the user with what it saw and what to do,
+in the settings of the run's algorithm (`ppo.kl_coef` or `grpo.kl_coef`).
 
     kl_runaway        recent KL far above its target (or above kl_max without one)
     entropy_collapse  recent entropy below a fraction of the run's starting entropy
@@ -21,24 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tether.config import AlarmsConfig
+
 ALARM_KEYS = ("kl_runaway", "entropy_collapse", "length_hacking", "repeated_opening")
-
-
-@dataclass(frozen=True)
-class AlarmSettings:
-    """Thresholds of the alarms; mirrored as the config keys `alarms.*`."""
-
-    window: int = 5  # iterations a trend is measured over (at least 2: length_hacking compares two halves)
-    kl_factor: float = 3.0  # with a KL target: alarm when the recent KL exceeds kl_factor * target
-    kl_max: float = 30.0  # without a target: alarm when the recent KL (nats per response) exceeds this
-    entropy_drop: float = 0.5  # alarm when recent entropy falls below this fraction of the starting entropy
-    length_rise: float = 0.2  # trend alarm: length up by at least this fraction over the window ...
-    diversity_drop: float = 0.1  # ... while score rises and distinct-2 falls by at least this fraction
-    opening_share: float = 0.5  # alarm when more than this share of a batch's responses share one opening
-
-    def __post_init__(self) -> None:
-        if self.window < 2:
-            raise ValueError(f"alarms.window must be at least 2, got {self.window}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +57,9 @@ def _early_late(early: Sequence[Row], late: Sequence[Row], key: str) -> tuple[fl
     return None if before is None or after is None else (before, after)
 
 
-def kl_runaway(history: Sequence[Row], settings: AlarmSettings, kl_target: float | None) -> Alarm | None:
+def kl_runaway(
+    history: Sequence[Row], settings: AlarmsConfig, kl_target: float | None, algorithm: str = "ppo"
+) -> Alarm | None:
     if len(history) < 2:  # the first iteration's KL is 0 by construction: nothing to judge yet
         return None
     recent_rows = history[-settings.window :]
@@ -82,20 +71,22 @@ def kl_runaway(history: Sequence[Row], settings: AlarmSettings, kl_target: float
         bound = f"{settings.kl_factor:g} x target {kl_target:g}"
     else:
         limit = settings.kl_max
-        bound = f"alarms.kl_max {settings.kl_max:g} (no ppo.kl_target set)"
+        no_target = "no ppo.kl_target set" if algorithm == "ppo" else "grpo has no KL target"
+        bound = f"alarms.kl_max {settings.kl_max:g} ({no_target})"
     if not kl > limit:
         return None
     return Alarm(
         key="kl_runaway",
         saw=f"Mean KL {kl:.1f} nats per response over the last {len(recent_rows)} iterations, above {bound}.",
         advice=(
-            "The policy is drifting far from the reference: raise ppo.kl_coef or set (or lower) ppo.kl_target, "
-            "lower train.lr, and check whether the reward is being exploited."
+            f"The policy is drifting far from the reference: raise {algorithm}.kl_coef"
+            + (" or set (or lower) ppo.kl_target" if algorithm == "ppo" else "")
+            + ", lower train.lr, and check whether the reward is being exploited."
         ),
     )
 
 
-def entropy_collapse(history: Sequence[Row], settings: AlarmSettings) -> Alarm | None:
+def entropy_collapse(history: Sequence[Row], settings: AlarmsConfig, algorithm: str = "ppo") -> Alarm | None:
     if len(history) < settings.window + 1:  # the recent window must reach past the start
         return None
     starting = _finite_mean(history[:STARTING_ROWS], "objective/entropy")
@@ -109,13 +100,13 @@ def entropy_collapse(history: Sequence[Row], settings: AlarmSettings) -> Alarm |
             f"{settings.entropy_drop:g} x the starting {starting:.3f}."
         ),
         advice=(
-            "The policy is turning deterministic (mode collapse): lower train.lr or raise ppo.kl_coef, "
+            f"The policy is turning deterministic (mode collapse): lower train.lr or raise {algorithm}.kl_coef, "
             "and read samples.jsonl to see whether the responses have become the same few answers."
         ),
     )
 
 
-def length_hacking(history: Sequence[Row], settings: AlarmSettings) -> Alarm | None:
+def length_hacking(history: Sequence[Row], settings: AlarmsConfig, algorithm: str = "ppo") -> Alarm | None:
     if len(history) < settings.window:
         return None
     # The first half of the window against the last half; an odd window leaves its middle row out.
@@ -143,12 +134,12 @@ def length_hacking(history: Sequence[Row], settings: AlarmSettings) -> Alarm | N
         ),
         advice=(
             "The reward may prefer long, repetitive answers: compare the gold score if one is configured, "
-            "add a length penalty or normalise the score for length, or raise ppo.kl_coef."
+            f"add a length penalty or normalise the score for length, or raise {algorithm}.kl_coef."
         ),
     )
 
 
-def repeated_opening(history: Sequence[Row], settings: AlarmSettings) -> Alarm | None:
+def repeated_opening(history: Sequence[Row], settings: AlarmsConfig) -> Alarm | None:
     if not history:
         return None
     share = _finite_mean(history[-1:], "response/top_opening_share")
@@ -164,12 +155,15 @@ def repeated_opening(history: Sequence[Row], settings: AlarmSettings) -> Alarm |
     )
 
 
-def check_alarms(history: Sequence[Row], settings: AlarmSettings, kl_target: float | None) -> list[Alarm]:
-    """The alarms active at the last row of `history` (metric rows, oldest first), in ALARM_KEYS order."""
+def check_alarms(
+    history: Sequence[Row], settings: AlarmsConfig, kl_target: float | None, algorithm: str = "ppo"
+) -> list[Alarm]:
+    """The alarms active at the last row of `history` (metric rows, oldest first), in ALARM_KEYS
+    order; `algorithm` names the config section their advice points at."""
     found = [
-        kl_runaway(history, settings, kl_target),
-        entropy_collapse(history, settings),
-        length_hacking(history, settings),
+        kl_runaway(history, settings, kl_target, algorithm),
+        entropy_collapse(history, settings, algorithm),
+        length_hacking(history, settings, algorithm),
         repeated_opening(history, settings),
     ]
     return [alarm for alarm in found if alarm is not None]

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
-from tether.roles.batching import position_ids_from_mask
+from tether.core.masked import position_ids_from_mask
 
 # Below this many shared tokens the prefix's own forward call (one more pass through every layer,
 # with a single row) costs about what it saves.
@@ -43,6 +44,40 @@ class PrefixSplit:
     @property
     def length(self) -> int:
         return self.prefix_ids.shape[1]
+
+
+def unsupported(model: Any) -> str | None:
+    """Why this model's architecture cannot share a prefix, decided from its config; None if it can.
+
+    The second pass puts each row's left padding between the prefix and the rest of the row. That
+    is invisible to attention that sees every earlier position, but not to
+    - a sliding window, which counts cache columns, not positions: the padding pushes real tokens
+      out of the window (2-7 nats per token off on tiny Mistral, Gemma 2/3, Phi-3, Starcoder2,
+      OLMo 3, Cohere 2 and GPT-OSS models, tests/test_speed.py);
+    - recurrent layers (state-space, linear attention, short convolutions: Mamba, LFM2,
+      Qwen3-Next), whose state the padding would run through, and whose caches cannot be repeated
+      over the rows.
+    The layer types come from transformers' own reading of the config (the cache it would build).
+    """
+    config = _text_config(model)
+    if config is None:
+        return None
+    try:
+        probe = DynamicCache(config=config)
+        sliding, recurrent = any(probe.is_sliding), any(getattr(probe, "is_linear", []))
+    except Exception:  # a config the cache cannot read: judge by its attributes
+        sliding, recurrent = bool(getattr(config, "sliding_window", None)), False
+    if recurrent:
+        return "recurrent layers (state-space or linear attention) cannot take a shared prefix"
+    if sliding:
+        return f"sliding-window attention (window {getattr(config, 'sliding_window', '?')}) counts padding"
+    return None
+
+
+def _text_config(model: Any) -> Any:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    return getattr(config, "text_config", None) or config
 
 
 def split_shared_prefix(
@@ -91,35 +126,32 @@ def forward_sharing_prefix(
     shareable_columns: int | None = None,
     prefix_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
-) -> tuple[Any, Any, PrefixSplit | None]:
-    """model(...) over the batch, its shared prompt prefix computed once.
+) -> tuple[Any, Any, PrefixSplit] | None:
+    """model(...) over the batch, its shared prompt prefix computed once; None when there is no
+    prefix worth sharing or the model cannot share one (`unsupported`): the caller runs the plain pass.
 
-    Returns (output over the rest, output over the prefix, split). Without a prefix worth sharing:
-    (the plain pass's output, None, None). Outputs indexed from the end (`logits_to_keep`,
-    the last R positions) are the plain pass's; `expand_to_columns` rebuilds full-width hidden
-    states. prefix_kwargs: extra arguments for the prefix call only (e.g. logits_to_keep=1).
+    Returns (output over the rest, output over the prefix, split). Outputs indexed from the end
+    (`logits_to_keep`, the last R positions) are the plain pass's; `expand_to_columns` rebuilds
+    full-width hidden states. prefix_kwargs: extra arguments for the prefix call only (e.g.
+    logits_to_keep=1).
     """
+    if unsupported(model) is not None:
+        return None
     split = split_shared_prefix(input_ids, attention_mask, shareable_columns)
-    if split is not None:
-        prefix, cache = prefix_pass(model, split, input_ids.shape[0], **(prefix_kwargs or {}))
-        if cache is not None:  # a model without a KV cache gets the plain pass
-            rest = model(
-                input_ids=split.rest_ids,
-                attention_mask=split.attention_mask,
-                position_ids=split.rest_positions,
-                past_key_values=cache,
-                use_cache=False,
-                **kwargs,
-            )
-            return rest, prefix, split
-    plain = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+    if split is None:
+        return None
+    prefix, cache = prefix_pass(model, split, input_ids.shape[0], **(prefix_kwargs or {}))
+    if cache is None:  # a model without a KV cache
+        return None
+    rest = model(
+        input_ids=split.rest_ids,
+        attention_mask=split.attention_mask,
+        position_ids=split.rest_positions,
+        past_key_values=cache,
         use_cache=False,
         **kwargs,
     )
-    return plain, None, None
+    return rest, prefix, split
 
 
 def prefix_pass(model: Any, split: PrefixSplit, batch_size: int, **kwargs: Any) -> tuple[Any, Any]:

@@ -1,0 +1,55 @@
+"""What every rollout stage logs about its sampled batch, under the same names (docs/run-directory.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.core import masked_mean
+from tether.evaluation.metrics import distinct_n, top_opening_share
+from tether.run.log import Timer, peak_memory_gb
+from tether.trajectory import Trajectory
+
+
+def batch_metrics(trajectory: Trajectory, sequence_kl: Tensor, timer: Timer, device: torch.device) -> dict[str, float]:
+    scores = trajectory.scores
+    lengths = trajectory.response_lengths.float()
+    step_seconds = timer.total()
+    metrics = {
+        "objective/scores": float(scores.mean()),
+        "objective/scores_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "objective/kl": float(sequence_kl.mean()),
+        "objective/entropy": float(masked_mean(trajectory.entropy, trajectory.mask)),
+        "response/length_mean": float(lengths.mean()),
+        "response/eos_frac": float(trajectory.finished.float().mean()),
+        "response/distinct_2": distinct_n(list(trajectory.responses), 2),
+        "response/top_opening_share": top_opening_share(list(trajectory.responses)),
+        **{f"time/{name}_s": seconds for name, seconds in timer.seconds.items()},
+        "time/step_s": step_seconds,
+        "throughput/tokens_per_s": float(lengths.sum()) / step_seconds,
+        "memory/peak_gb": peak_memory_gb(device),
+    }
+    for name, values_of_source in trajectory.score_parts.items():
+        key = "objective/gold_scores" if name == "gold" else f"objective/{name}_scores"
+        metrics[key] = float(values_of_source.mean())
+    return metrics
+
+
+def batch_samples(trajectory: Trajectory, sequence_kl: Tensor) -> list[dict[str, Any]]:
+    """One row per response for samples.jsonl and the sample table."""
+    lengths = trajectory.response_lengths.tolist()
+    finished = trajectory.finished.tolist()
+    return [
+        {
+            "prompt": trajectory.prompts[i],
+            "response": trajectory.responses[i],
+            "score": float(trajectory.scores[i]),
+            **{f"{name}_score": float(v[i]) for name, v in trajectory.score_parts.items()},
+            "finished": bool(finished[i]),
+            "length": int(lengths[i]),
+            "kl": float(sequence_kl[i]),
+        }
+        for i in range(len(trajectory))
+    ]

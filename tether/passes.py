@@ -1,0 +1,148 @@
+"""The passes of a rollout iteration over its batch (ppo, grpo), each a function that returns the
+trajectory with its own fields added (trajectory.py):
+
+    sample_batch     2. responses sampled with the KV cache, truncated after their first EOS, decoded
+    policy_pass      3. the policy's old log-probs and entropy (and a value head's values), no grad
+    reference_pass   3. the reference's log-probs
+    value_pass       3. a value model's values (ppo)
+    score_batch      4. the reward sources, plus the missing-EOS penalty
+and, in the update, `update_logprobs` and `update_values`: the same of some rows, with grad.
+
+Every log-prob is taken under the rollout temperature (docs/concepts/details.md item 1). Forward
+passes without grad run in chunks of `sizes.pass_rows` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from tether.config import OnlineConfig
+from tether.loading.roles import RolloutRoles
+from tether.roles.forward import in_chunks
+from tether.roles.policy import response_logprobs
+from tether.roles.value import response_values
+from tether.runtime import autocast
+from tether.sampling import decode_responses, generate
+from tether.trajectory import Trajectory
+
+# The policy's pass of step 3 with its autograd graph kept (speed.reuse_old_pass): its log-probs
+# (and a value head's values), still attached, for the update's first step.
+OldPass = tuple[Tensor, ...]
+
+
+def sample_batch(
+    roles: RolloutRoles, config: OnlineConfig, prompt_texts: list[str], prompt_ids: list[list[int]]
+) -> Trajectory:
+    """rollout.samples_per_prompt responses to each prompt, decoded, on the policy's device."""
+    device = next(roles.policy.parameters()).device
+    with autocast(device, config.model.dtype):
+        trajectory, _ = generate(
+            roles.policy,
+            prompt_ids,
+            config.rollout.samples_per_prompt,
+            config.rollout.max_new_tokens,
+            config.rollout.temperature,
+            roles.pad_id,
+            roles.eos_ids,
+            speed=config.speed,
+        )
+    trajectory = trajectory.to(device)
+    return dataclasses.replace(
+        trajectory,
+        prompts=tuple(prompt_texts[int(i)] for i in trajectory.prompt_index),
+        responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids),
+    )
+
+
+def policy_pass(
+    roles: RolloutRoles, config: OnlineConfig, trajectory: Trajectory, keep_graph: bool
+) -> tuple[Trajectory, OldPass | None]:
+    """The policy's log-probs and entropy of the sampled tokens (and a value head's values, read off
+    the same pass), detached. keep_graph: the pass records its graph, which comes back as well."""
+    ids, attn, start = trajectory.input_ids, trajectory.attention_mask, trajectory.response_start
+    with torch.set_grad_enabled(keep_graph), autocast(ids.device, config.model.dtype):
+        logprobs, entropy, *head_values = in_chunks(
+            lambda i, m: response_logprobs(
+                roles.policy,
+                i,
+                m,
+                start,
+                config.rollout.temperature,
+                speed=config.speed,
+                with_entropy=True,
+                value_head=roles.value_head,
+            ),
+            ids,
+            attn,
+            config.sizes().pass_rows,
+        )
+    values = head_values[0].detach() if head_values else trajectory.values
+    trajectory = dataclasses.replace(trajectory, old_logprobs=logprobs.detach(), entropy=entropy, values=values)
+    return trajectory, ((logprobs, *head_values) if keep_graph else None)
+
+
+@torch.no_grad()
+def reference_pass(roles: RolloutRoles, config: OnlineConfig, trajectory: Trajectory) -> Trajectory:
+    ids, attn, start = trajectory.input_ids, trajectory.attention_mask, trajectory.response_start
+    with autocast(ids.device, config.model.dtype):
+        (ref_logprobs,) = in_chunks(
+            lambda i, m: (roles.reference.logprobs(i, m, start, config.rollout.temperature, config.speed),),
+            ids,
+            attn,
+            config.sizes().pass_rows,
+        )
+    return dataclasses.replace(trajectory, ref_logprobs=ref_logprobs)
+
+
+@torch.no_grad()
+def value_pass(roles: RolloutRoles, config: OnlineConfig, trajectory: Trajectory) -> Trajectory:
+    """The value model's V(state before each response token); a value head's came with policy_pass."""
+    ids, attn, start = trajectory.input_ids, trajectory.attention_mask, trajectory.response_start
+    with autocast(ids.device, config.model.dtype):
+        (values,) = in_chunks(
+            lambda i, m: (response_values(roles.value_model, i, m, start, config.speed),),
+            ids,
+            attn,
+            config.sizes().pass_rows,
+        )
+    return dataclasses.replace(trajectory, values=values)
+
+
+def score_batch(roles: RolloutRoles, trajectory: Trajectory) -> Trajectory:
+    scores, parts = roles.rewards.score_trajectory(trajectory)
+    return dataclasses.replace(trajectory, scores=scores, score_parts=parts)
+
+
+def update_logprobs(
+    roles: RolloutRoles,
+    config: OnlineConfig,
+    trajectory: Trajectory,
+    rows: Tensor,
+    reused: OldPass | None,
+) -> tuple[Tensor, ...]:
+    """The policy's (len(rows), R) log-probs of `rows` for an update's loss, with grad, and the value
+    head's (len(rows), R) values when there is one: `reused`, the old log-probs' pass itself, when
+    the step reuses it (then `rows` is every row in order), else a fresh forward pass."""
+    if reused is not None:
+        return reused
+    ids, attn = trajectory.input_ids, trajectory.attention_mask
+    with autocast(ids.device, config.model.dtype):
+        return response_logprobs(
+            roles.policy,
+            ids[rows],
+            attn[rows],
+            trajectory.response_start,
+            config.rollout.temperature,
+            speed=config.speed,
+            value_head=roles.value_head,
+        )
+
+
+def update_values(roles: RolloutRoles, config: OnlineConfig, trajectory: Trajectory, rows: Tensor) -> Tensor:
+    """The value model's (len(rows), R) values of `rows`, with grad (ppo's update, critic=model)."""
+    ids, attn = trajectory.input_ids, trajectory.attention_mask
+    with autocast(ids.device, config.model.dtype):
+        return response_values(roles.value_model, ids[rows], attn[rows], trajectory.response_start, config.speed)
