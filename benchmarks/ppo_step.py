@@ -10,7 +10,7 @@ forward, value forward, scoring, and the update (all PPO epochs). Generated toke
 response tokens / whole iteration time. Peak memory is the process's peak resident set (CPU) or
 peak allocated CUDA memory.
 
-Prints a Markdown table (pasted into benchmarks/README.md) and writes the raw numbers as JSON.
+Prints a Markdown table (pasted into docs/benchmarks.md) and writes the raw numbers as JSON.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/make_preferences.py            # about 15 minutes on a 2-core CPU
 
-How the pairs are made (the data is synthetic, and README.md says so):
+How the pairs are made (the data is synthetic, and docs/data.md says so):
 1. Prompts: tether/assets/prompts.jsonl (for the train split) and eval_prompts.jsonl (for the test
    split), written by hand in scripts/make_prompts.py. The test split's topics and situations never
    appear in the train split.

@@ -1,4 +1,4 @@
-"""`tether ppo` through the command line: the run directory of CONTRACT.md, every metric key,
+"""`tether ppo` through the command line: the run directory of docs/run-directory.md, every metric key,
 checkpoints that load back to identical outputs, and clear errors for bad input."""
 
 from __future__ import annotations
@@ -143,3 +143,23 @@ def test_print_config_shows_resolved_defaults(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["ppo"]["clip_coef"] == 0.2 and printed["reward"]["function"] == "tether.reward_functions:concise"
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo", "grpo"])
+def test_print_config_prints_every_stages_defaults_and_what_is_still_to_set(stage: str):
+    """How a user learns the keys: on the bare defaults it prints the whole resolved config, exit 0,
+    with a note for what a run still needs (ppo and grpo: a reward source)."""
+    import contextlib
+    import io
+
+    from tether.cli import STAGES, main
+    from tether.config import config_to_dict
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([stage, "--print-config"]) == 0
+    printed = yaml.safe_load(out.getvalue())
+    assert printed == config_to_dict(STAGES[stage]())
+    notes = [line for line in out.getvalue().splitlines() if line.startswith("# still to set")]
+    assert bool(notes) == (stage in ("ppo", "grpo"))
+    assert all("reward.model" in n and "reward.function" in n for n in notes)

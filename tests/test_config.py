@@ -12,8 +12,12 @@ import pytest
 
 from tether.config import (
     ConfigError,
+    DPOConfig,
+    GRPOConfig,
     LoraConfig,
     PPOConfig,
+    RMConfig,
+    SFTConfig,
     all_keys,
     field_help,
     load_config,
@@ -38,7 +42,7 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 # Defaults and documentation
 # --------------------------------------------------------------------------------------------
 
-# CONTRACT.md, "Config keys": the values it documents.
+# The defaults docs/reference/config.md documents, pinned.
 CONTRACT_DEFAULTS = {
     "model.name": "smollm2-135m-instruct",
     "model.lora": None,
@@ -383,3 +387,22 @@ def test_save_then_load_round_trips_the_defaults(tmp_path):
     path = tmp_path / "defaults.yaml"
     save_config(config, path)
     assert load_config(PPOConfig, path) == config
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+STAGE_OF = {
+    "demo.yaml": PPOConfig,
+    "demo-rm.yaml": RMConfig,
+    "sft.yaml": SFTConfig,
+    "dpo.yaml": DPOConfig,
+    "grpo.yaml": GRPOConfig,
+    "grpo-arithmetic.yaml": GRPOConfig,
+}
+
+
+def test_every_shipped_config_loads_with_its_stage():
+    """Each file under configs/ loads as its stage's config (a file gone stale with a renamed key
+    fails here, not in a user's first run)."""
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(STAGE_OF)
+    for name, config_class in STAGE_OF.items():
+        load_config(config_class, CONFIGS / name, allow_missing=True)

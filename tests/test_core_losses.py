@@ -175,7 +175,7 @@ def test_value_loss_without_clip_is_half_the_masked_mse():
     torch.testing.assert_close(stats["val/clipfrac"], torch.tensor(0.0), rtol=0.0, atol=0.0)
 
 
-# --- micro-batch equivalence (RLHF-DETAILS item 13) ---------------------------------------------
+# --- micro-batch equivalence (docs/concepts/details.md item 13) ---------------------------------------------
 
 
 class _TinyPolicyAndCritic:

@@ -71,7 +71,7 @@ def test_gold_judge_by_hand(prompt, response, expected):
 def test_known_blind_spots_of_the_judge():
     """Word lists are matched as substrings, and a refusal phrase is a refusal wherever it stands.
     The shipped data was labelled with exactly these rules, so they are pinned here (and listed
-    in README.md) rather than fixed silently: a polite decline that says "I cannot attend" counts
+    in docs/rewards.md) rather than fixed silently: a polite decline that says "I cannot attend" counts
     as refusing the request, and "whatever" counts as rude twice (it contains "hate")."""
     decline = "Dear Sam, thank you for the invitation. I cannot attend on Friday. Best regards, Ana"
     assert gold_judge(["Write a note declining a meeting."], [decline]) == [-1.0]

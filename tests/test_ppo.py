@@ -233,7 +233,7 @@ def test_keep_last_prunes_old_step_checkpoints(tiny_llama, task):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_saved_policy_and_value_reload_to_identical_outputs(tiny_llama, task, lora):
-    """RLHF-DETAILS 18: every saved head (LoRA adapter, value head) reloads to the same outputs."""
+    """docs/concepts/details.md item 18: every saved head (LoRA adapter, value head) reloads to the same outputs."""
     overrides = ["train.steps=2", "train.lr=1e-2"] + (["model.lora={r: 4, alpha: 8}"] if lora else [])
     trainer = PPOTrainer(tiny_config(tiny_llama, task, *overrides), task / "run")
     for trainer.run.step in (1, 2):

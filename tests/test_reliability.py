@@ -117,7 +117,7 @@ def bad_inputs(task: Path) -> list[tuple[str, list[str], str]]:
             [f"reward.function={fn}:raises"],
             "raised ZeroDivisionError('no reward today')",
         ),
-        ("wrong number of rewards", [f"reward.function={fn}:too_few"], "returned 1 values for 4 responses"),
+        ("wrong number of rewards", [f"reward.function={fn}:too_few"], "returned 1 values for 2 responses"),
         ("NaN reward", [f"reward.function={fn}:nan_on_third"], "returned nan for sample 2 (prompt"),
     ]
 

@@ -110,7 +110,7 @@ def batch_scores(model, sequences: list[list[int]], pad_id: int, normalised: boo
 
 
 def test_rm_cli_writes_the_run_directory_and_learns_the_preference(trained_rm, tiny_llama, prefs, tmp_path):
-    """Exit 0 (checked by the fixture), the run directory of CONTRACT.md, metrics with the rm keys,
+    """Exit 0 (checked by the fixture), the run directory of docs/run-directory.md, metrics with the rm keys,
     and held-out accuracy >= 0.9 where the very same initialisation (same seed, same fresh head),
     evaluated before any step, ranks the held-out pairs about by chance with loss ~ log 2."""
     run = trained_rm

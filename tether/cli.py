@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -146,7 +147,9 @@ def _config_of_a_run(args: argparse.Namespace, targets: list[str]) -> Path | Non
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
     if targets:
-        raise ConfigError("no --config given and no TARGET is a run directory with a config.yaml to borrow")
+        missing = [t for t in targets if not Path(t).exists() and ("/" in t or t.startswith("."))]
+        named = f"; these do not exist: {', '.join(missing)}" if missing else ""
+        raise ConfigError(f"no --config given and no TARGET is a run directory with a config.yaml to borrow{named}")
     return None
 
 
@@ -196,6 +199,7 @@ def _judge(args: argparse.Namespace, config: OnlineConfig, specs: list[str]) -> 
         if args.stage == "compare" or targets[0].run_dir is None:
             raise ConfigError(f"tether {args.stage} needs --output DIR for where to write its results")
         output = targets[0].run_dir / "eval"  # a run's own eval/ folder
+    _check_output_folder(output)  # before the evaluation, not after it
     if args.stage == "compare":
         from tether.evaluation.report import write_report
 
@@ -207,6 +211,17 @@ def _judge(args: argparse.Namespace, config: OnlineConfig, specs: list[str]) -> 
     term.console.print(term.eval_table(document["results"]))
     term.console.print(f"results: {output / 'eval.json'}")
     return 0
+
+
+def _check_output_folder(output: Path) -> None:
+    """A folder (or a path not yet there) this process may write into, or ConfigError."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; name a folder for the results")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: {existing} is not a folder this process may write into")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Reading prompt files, applying chat templates, and walking a prompt set in resumable order.
 
 Files are JSON Lines (one object a line), Parquet, or a `datasets` folder saved with
-`save_to_disk` (CONTRACT.md, "Data files"). A prompt record is `{"prompt": str}` or
+`save_to_disk` (docs/data.md). A prompt record is `{"prompt": str}` or
 `{"messages": [{"role": ..., "content": ...}, ...]}`. A malformed record is a `DataError` naming
 the file, the line (or row) and what was expected.
 """
@@ -46,9 +46,17 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data file {path}: {err}") from err
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark
+    except UnicodeDecodeError as err:
+        bad_line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"cannot read data file {path}, line {bad_line}: byte {raw[err.start]:#04x} is not UTF-8 text "
+            f"({err.reason}); save the file as UTF-8"
+        ) from err
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -130,6 +138,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+ROLES = ("system", "user", "assistant", "tool")  # the turns chat templates know
+
+
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
@@ -141,6 +152,10 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             or not isinstance(turn.get("content"), str)
         ):
             raise DataError(f"{where}: messages[{i}] must be an object with string fields 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise DataError(
+                f"{where}: messages[{i}] has the role {turn['role']!r}; a turn is one of {', '.join(map(repr, ROLES))}"
+            )
         checked.append({"role": turn["role"], "content": turn["content"]})
     return checked
 
@@ -301,6 +316,7 @@ def load_sft_examples(path: str | Path) -> list[SFTExample]:
 def load_preferences(path: str | Path, with_margin: bool = False) -> list[PreferencePair]:
     """{"prompt": str | "messages": [...], "chosen": str, "rejected": str[, "margin": number]} records."""
     pairs = []
+    identical: list[int] = []
     unit = "line" if _is_json_lines(path) else "row"
     expected = "a field 'prompt' (a string) or 'messages' (a list of turns), plus 'chosen' and 'rejected'"
     for number, record in read_records(path):
@@ -314,7 +330,21 @@ def load_preferences(path: str | Path, with_margin: bool = False) -> list[Prefer
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise DataError(f"{where}: field 'margin' must be a finite number (rm.margin is on), got {value!r}")
             margin = float(value)
+        if chosen.strip() == rejected.strip():
+            identical.append(number)
+            continue
         pairs.append(PreferencePair(prompt, chosen, rejected, margin))
+    if identical:
+        # The same response preferred over itself carries no signal, and its loss pulls toward a tie.
+        log.warning(
+            "%s: %d pair(s) whose chosen and rejected responses are the same are left out (%s %s)",
+            path,
+            len(identical),
+            unit + "s" if len(identical) > 1 else unit,
+            ", ".join(map(str, identical[:10])) + (" ..." if len(identical) > 10 else ""),
+        )
+    if not pairs:
+        raise DataError(f"{path}: no preference pair is left: in every one, chosen and rejected are the same")
     return pairs
 
 

@@ -1,15 +1,40 @@
 """Writes a crash never leaves half done: a file or folder is written under a hidden temporary name
 next to its place and renamed over it when complete. Anything whose name starts with '.' is never
-read as a result."""
+read as a result. A full disk is said as such, with where and how much is free."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tether.errors import TetherError
+
+
+class DiskFullError(TetherError):
+    """The disk filled up while tether wrote a file; nothing half-written was left behind a real name."""
+
+    exit_code = 1
+
+
+def disk_full(path: Path, err: BaseException) -> DiskFullError | None:
+    """The DiskFullError for an error raised while writing `path`, if the disk was full (None if not)."""
+    if not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) and "No space left" not in str(err):
+        return None
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**20
+        left = f"{free:.1f} MiB are free there"
+    except OSError:
+        left = "how much is free there could not be read"
+    return DiskFullError(
+        f"the disk is full: writing {path} failed ({left}). The partial file was removed and the run's earlier "
+        "files are intact; free some space (or point --output elsewhere) and continue with --resume."
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -21,8 +46,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(path, err)
+        if full is not None:
+            raise full from err
         raise
 
 
@@ -41,6 +69,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except BaseException as err:
+        full = disk_full(target, err)
+        if full is not None:
+            raise full from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_of(path: Path, chunk: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,7 +6,8 @@ trajectory with its own fields added (trajectory.py):
     reference_pass   3. the reference's log-probs
     value_pass       3. a value model's values (ppo)
     score_batch      4. the reward sources, plus the missing-EOS penalty
-and, in the update, `update_logprobs` and `update_values`: the same of some rows, with grad.
+and, in the update, `update_logprobs` and `update_values`: the same of some rows, with grad. Before
+the first iteration, `probe_scorers` calls every scorer once on a small real batch.
 
 Every log-prob is taken under the rollout temperature (docs/concepts/details.md item 1). Forward
 passes without grad run in chunks of `sizes.pass_rows` rows.
@@ -15,6 +16,7 @@ passes without grad run in chunks of `sizes.pass_rows` rows.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,3 +148,38 @@ def update_values(roles: RolloutRoles, config: OnlineConfig, trajectory: Traject
     ids, attn = trajectory.input_ids, trajectory.attention_mask
     with autocast(ids.device, config.model.dtype):
         return response_values(roles.value_model, ids[rows], attn[rows], trajectory.response_start, config.speed)
+
+
+PROBE_PROMPTS = 2
+PROBE_TOKENS = 16
+
+
+def probe_scorers(
+    roles: RolloutRoles, config: OnlineConfig, prompt_texts: list[str], prompt_ids: list[list[int]], judge: Any
+) -> None:
+    """Call every reward source, the gold judge and the eval judge (`judge(trajectory)`, or None)
+    once on a small real batch, the policy's greedy responses to the first prompts, so that one
+    that fails or returns something unusable stops the run before its directory is touched (each
+    names itself and the sample). Greedy decoding inside a forked RNG: the run draws what it would
+    have drawn without the probe."""
+    device = next(roles.policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with autocast(device, config.model.dtype):
+            trajectory, _ = generate(
+                roles.policy,
+                prompt_ids[:PROBE_PROMPTS],
+                1,
+                min(PROBE_TOKENS, config.rollout.max_new_tokens),
+                0.0,
+                roles.pad_id,
+                roles.eos_ids,
+                speed=config.speed,
+            )
+        trajectory = dataclasses.replace(
+            trajectory.to(device),
+            prompts=tuple(prompt_texts[:PROBE_PROMPTS]),
+            responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids),
+        )
+        roles.rewards.score_trajectory(trajectory)
+        if judge is not None:
+            judge(trajectory)

@@ -32,12 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tether import console
+from tether.config import ConfigError
 from tether.errors import TrainingInterrupted
 
 T = TypeVar("T")
 Rows = TypeVar("Rows", bound=Sequence[Any] | Tensor)
 
-RANK_SEED_STRIDE = 100003  # seed + rank * stride: a different stream per process (RLHF-DETAILS 14)
+RANK_SEED_STRIDE = 100003  # seed + rank * stride: a different stream per process (docs/concepts/details.md item 14)
 
 
 def pick_device(spec: str) -> torch.device:
@@ -45,9 +47,18 @@ def pick_device(spec: str) -> torch.device:
     "cuda" (or auto) is this process's own GPU, cuda:LOCAL_RANK."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device={spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={spec!r}: tether runs on 'cpu' or 'cuda' devices")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={spec!r} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={spec!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", _launched("LOCAL_RANK", 0))
     if device.type == "cuda":
@@ -75,9 +86,7 @@ def prepare_process(num_threads: int | None, seed: int, device: str) -> torch.de
     chosen = pick_device(device)
     join_process_group(chosen)
     seed_everything(seed, world().rank)
-    if not world().is_main:
-        from tether import console  # only the main process prints (warnings still reach stderr)
-
+    if not world().is_main:  # only the main process prints (warnings still reach stderr)
         console.console.quiet = True
     return chosen
 
@@ -214,8 +223,6 @@ def require_divisible(count: int, field: str) -> None:
     """A count every process must get an equal share of (prompts: each samples the same number)."""
     size = world().size
     if count % size:
-        from tether.config import ConfigError
-
         raise ConfigError(
             f"{field}={count} cannot be split evenly over the {size} processes this job runs; "
             f"make it a multiple of {size}"

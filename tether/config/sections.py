@@ -320,6 +320,13 @@ class RolloutConfig:
     )
 
 
+@dataclass
+class GroupRolloutConfig(RolloutConfig):
+    """grpo's sampling: a group of responses to each prompt (TRL's GRPO samples 8 by default)."""
+
+    samples_per_prompt: int = redefault(RolloutConfig, "samples_per_prompt", 8)
+
+
 # --------------------------------------------------------------------------------------------
 # Optimisation and the run
 # --------------------------------------------------------------------------------------------

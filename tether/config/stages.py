@@ -16,6 +16,7 @@ from tether.config.sections import (
     DPOParams,
     EvalConfig,
     ExampleData,
+    GroupRolloutConfig,
     GRPOParams,
     ModelConfig,
     OfflineTrainConfig,
@@ -122,6 +123,7 @@ class GRPOConfig(RolloutStageConfig):
         "model.critic": "is a ppo setting; grpo has no critic",
     }
 
+    rollout: GroupRolloutConfig = field(default_factory=GroupRolloutConfig)
     grpo: GRPOParams = field(default_factory=GRPOParams)
 
     def check(self, prefix: str = "") -> None:

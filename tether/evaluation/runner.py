@@ -31,7 +31,13 @@ from tether.evaluation.metrics import (
     win_rate,
 )
 from tether.loading.functions import load_function
-from tether.loading.models import ModelNotFoundError, eos_token_ids, load_causal_lm, load_tokenizer
+from tether.loading.models import (
+    ModelNotFoundError,
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from tether.loading.roles import load_rewards
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
@@ -133,6 +139,13 @@ class Evaluator:
             ],
         }
         return result
+
+    def check_judge(self, trajectory: Trajectory) -> None:
+        """Call a judge function once (a run's pre-flight probe): a failure or an unusable result is
+        a RewardError naming it, before training, not after it."""
+        if self.judge_function is not None:
+            prompts, texts = list(trajectory.prompts), list(trajectory.responses)
+            call_function(self.judge_function, self.judge_name, prompts, texts, finished=trajectory.finished.tolist())
 
     def _judge_scores(
         self, scores: Tensor, parts: dict[str, Tensor], prompts: list[str], texts: list[str], finished: list[bool]
@@ -271,6 +284,8 @@ def evaluator_for(
 
 def evaluate_targets(config: OnlineConfig, targets: list[Target]) -> dict[str, Any]:
     """The starting model and every target on the same eval set; JSON-ready, win rates included."""
+    for target in targets:  # every target is found before the first is evaluated
+        resolve_model_path(target.model)
     evaluator = build_evaluator(config)
     results: dict[str, dict[str, Any]] = {}
     with evaluator.reference.as_model() as start:

@@ -31,12 +31,12 @@ def load_function(spec: str) -> RewardFunction:
         sys.modules[module_name] = module
         try:
             spec_obj.loader.exec_module(module)
-        except Exception as err:
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # importing user code ends nothing either
             raise RewardError(f"importing reward function file {source!r} failed: {err!r}") from err
     else:
         try:
             module = importlib.import_module(source)
-        except Exception as err:
+        except (Exception, SystemExit, KeyboardInterrupt) as err:
             raise RewardError(f"cannot import module {source!r} for reward function {spec!r}: {err!r}") from err
     function = getattr(module, name, None)
     if not callable(function):

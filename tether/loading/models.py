@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from tether.config import LoraConfig
+from tether.config import ConfigError, LoraConfig
 from tether.errors import TetherError
 from tether.roles.value import scalar_head
 
@@ -108,6 +108,9 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
     marker = target / "tether_source.json"
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return target
+    with gguf.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelNotFoundError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
     log.warning("converting %s to safetensors under %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -132,6 +135,9 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except (OSError, ValueError, KeyError) as err:  # what the GGUF reader raises for a file it cannot read
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"cannot convert GGUF file {gguf}: {first_line}") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +148,9 @@ def _loaded(name: str, loader: Any, path: str, **kwargs: Any) -> Any:
     """loader(path, **kwargs), with a failure turned into a ModelNotFoundError that says what was tried."""
     try:
         return loader(path, **kwargs)
-    except (OSError, ValueError) as err:  # transformers' errors for a missing repo or a broken folder
+    except TetherError:
+        raise
+    except Exception as err:  # transformers' and safetensors' errors for a missing repo or a broken folder
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if Path(path).is_dir():
             raise ModelNotFoundError(f"cannot load model folder {path!r}: {first_line}") from err
@@ -260,14 +268,17 @@ def load_scalar_model(
     tokenizer: PreTrainedTokenizerBase,
     trust_remote_code: bool = False,
     new_head: Literal["zero", "reward"] = "zero",
+    role: str = "value",
 ) -> PreTrainedModel:
     """A sequence classifier with one output: a reward model, or a value model's starting point.
 
     From a sequence-classifier checkpoint (a trained reward or value model) the head is loaded as
-    is. From a causal LM checkpoint the backbone is loaded and the `score` head is new: `new_head`
-    'zero' starts it at zero, so a fresh value model predicts 0 everywhere, and 'reward' draws it
-    from N(0, 1/sqrt(d_model + 1)) as a reward model's (docs/concepts/details.md item 7). A LoRA adapter folder is
-    merged into its base.
+    is; it must have one output. From a causal LM checkpoint the backbone is loaded and the `score`
+    head is new: `new_head` 'zero' starts it at zero, so a fresh value model predicts 0 everywhere,
+    and 'reward' draws it from N(0, 1/sqrt(d_model + 1)) as a reward model's
+    (docs/concepts/details.md item 7). role 'reward': the checkpoint must already be a trained
+    one-output classifier (a causal LM would score with a fresh head: noise or 0 for the whole run).
+    A LoRA adapter folder is merged into its base.
     """
     path = resolve_model_path(name)
     base = _adapter_base(path)
@@ -282,10 +293,27 @@ def load_scalar_model(
     else:
         config = _loaded(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
         has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if has_head and config.num_labels != 1:
+            raise ModelNotFoundError(
+                f"{role} model {name!r} is a sequence classifier with {config.num_labels} outputs; tether reads one "
+                "score per sequence. Train a one-output reward model with tether rm."
+            )
+        if role == "reward" and not has_head:
+            raise ModelNotFoundError(
+                f"reward model {name!r} is not a reward model ({', '.join(config.architectures or ['no architecture'])}"
+                "): a reward model is a trained one-output sequence classifier, and this one would score with a new, "
+                "untrained head. Train one with tether rm (from this model, if it is the one you mean), or score "
+                "with reward.function."
+            )
         config.num_labels = 1
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            model = _loaded(
+                name,
+                AutoModelForSequenceClassification.from_pretrained,
+                path,
+                config=config,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
             )
         if not has_head:
             with torch.no_grad():
@@ -310,7 +338,15 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, task_type: TaskType = Tas
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-    return get_peft_model(model, peft_config)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:  # peft: targets that match no module, or modules it cannot adapt
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"model.lora.target_modules={lora.target_modules!r} cannot be adapted on {type(model).__name__}: "
+            f"{first_line}. Its linear layers are named: {', '.join(linear) or 'none'}"
+        ) from err
 
 
 def load_trainable(

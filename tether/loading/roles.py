@@ -126,7 +126,7 @@ def load_rewards(config: OnlineConfig, tokenizer: PreTrainedTokenizerBase, devic
     model_tokenizer = None
     if reward.model is not None:
         own_tokenizer = load_tokenizer(reward.model, trust)
-        model = load_scalar_model(reward.model, own_tokenizer, trust)
+        model = load_scalar_model(reward.model, own_tokenizer, trust, role="reward")
         model = model.to(device).requires_grad_(False)
         say_refusals(config.speed, model, "the reward model")
         # Same vocabulary: score the policy's token ids directly. Otherwise re-tokenize text.

@@ -40,8 +40,10 @@ def call_function(
     kwargs = {k: v for k, v in kwargs.items() if takes_any or k in accepted}
     try:
         values = list(function(prompts, responses, **kwargs))
-    except Exception as err:
-        raise RewardError(f"reward function {spec!r} raised {err!r}") from err
+    except (Exception, SystemExit, KeyboardInterrupt) as err:
+        # User code ends nothing: sys.exit() or a KeyboardInterrupt raised inside it is its failure,
+        # never the run's clean end.
+        raise RewardError(f"reward function {spec!r} raised {err!r}; it must return one score per response") from err
     if len(values) != len(responses):
         raise RewardError(f"reward function {spec!r} returned {len(values)} values for {len(responses)} responses")
     checked = []

@@ -15,15 +15,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
 from tether import console as term
-from tether.config import ConfigError, StageConfig
+from tether.config import ConfigError, StageConfig, config_to_dict
 from tether.errors import NumericalError
 from tether.optim import UpdateGuard
 from tether.run.checkpoints import Stateful, restore_trainer_state, write_checkpoint
-from tether.run.directory import check_run_dir, prepare_run_dir
+from tether.run.directory import RunDirectory, RunDirError
 from tether.run.log import RunLog, read_jsonl
 from tether.runtime import StopRequest, is_main, prepare_process
 from tether.speed import heap
+
+# Keys a resumed run may change: they decide how long it runs, what it writes and how, never what
+# it trains. Every other key must be the run's own (config.yaml), or the resume is refused.
+RESUMABLE = (
+    "train.steps",
+    "train.save_every",
+    "train.keep_last",
+    "train.sample_every",
+    "train.eval_every",
+    "train.num_threads",
+    "train.device",
+    "eval.",
+    "alarms.",
+    "speed.",
+)
 
 
 class Stage(Protocol):
@@ -68,10 +85,12 @@ class Run:
         self.config = config
         self.run_dir = Path(run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
-        # Checked first, changed last: a mistake found while loading leaves an old run untouched.
-        self.resume_from = check_run_dir(self.run_dir, resume, overwrite)
         train = config.train
         self.device = prepare_process(train.num_threads, train.seed, train.device)
+        # Checked first, changed last: a mistake found while loading leaves an old run untouched.
+        self.directory = RunDirectory(self.run_dir, stage, resume, overwrite)
+        self.resume_from = self.directory.resume_from
+        self.changed = self._resume_changes() if self.resumed else {}
         if config.speed.keep_freed_memory:
             heap.keep_freed_memory()
         refuse_unbuilt_engines(config, self.device.type)
@@ -83,12 +102,24 @@ class Run:
     def resumed(self) -> bool:
         return self.resume_from is not None
 
+    def require_for_resume(self, names: tuple[str, ...]) -> None:
+        """A resume reads these files of the run directory back: refuse it now if one is missing."""
+        missing = [name for name in names if self.resumed and not (self.run_dir / name).is_file()]
+        if missing:
+            raise RunDirError(
+                f"--resume: {self.run_dir} lacks {', '.join(missing)}, which this run wrote at its start and a resume "
+                "reads back (it cannot be made again from the trained weights); nothing was changed. Start the run "
+                "again with --overwrite."
+            )
+
     def start(self, parts: dict[str, Stateful]) -> None:
         """Once the stage has loaded: its state restored from the checkpoint when resuming, the run
         directory prepared, the log opened."""
         if self.resume_from is not None:
             self.step = restore_trainer_state(self.resume_from, parts, self.config.train.seed)
-        prepare_run_dir(self.run_dir, self.config, self.resumed)
+            for key, (old, new) in self.changed.items():
+                term.console.print(f"resuming with {key}={new!r} (the run had {old!r}); recorded in the run's manifest")
+        self.directory.prepare(self.config, self.resumed, self.changed)
         self.runlog = RunLog(self.run_dir, resume_step=self.step if self.resumed else None)
         self.history = read_jsonl(self.runlog.metrics_path) if self.resumed else []
 
@@ -132,6 +163,32 @@ class Run:
             return stage.finish()
         finally:
             self.runlog.close()
+            self.directory.release()
+
+    def _resume_changes(self) -> dict[str, list[Any]]:
+        """The keys this config changes from the run's own: refused unless RESUMABLE."""
+        try:
+            saved = _dotted(yaml.safe_load((self.run_dir / "config.yaml").read_text()) or {})
+        except (OSError, yaml.YAMLError) as err:
+            raise RunDirError(
+                f"--resume: cannot read {self.run_dir / 'config.yaml'} ({err}), so the resume cannot be checked"
+            ) from err
+        current = _dotted(config_to_dict(self.config))
+        changed = {
+            key: [saved.get(key), current.get(key)]
+            for key in sorted(saved.keys() | current.keys())
+            if saved.get(key) != current.get(key)
+        }
+        refused = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            may = ", ".join(key + "*" if key.endswith(".") else key for key in RESUMABLE)
+            raise RunDirError(
+                f"--resume: this config changes what {self.run_dir} trains ({listed}), so the resumed run would not "
+                "continue the same run. Resume with the run's own config (leave out --config), or start a new run. "
+                f"Keys that may change on resume: {may}."
+            )
+        return changed
 
 
 def refuse_unbuilt_engines(config: StageConfig, device_type: str) -> None:
@@ -157,3 +214,13 @@ def refuse_unbuilt_engines(config: StageConfig, device_type: str) -> None:
             "rollout.engine=vllm is not built in this version of tether: the weight sync and the check of "
             "vLLM's log-probs against the trainer's have not been proven on a GPU yet. Use rollout.engine=hf."
         )
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "function_kwargs" and key != "url_headers":
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

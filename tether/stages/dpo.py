@@ -47,6 +47,8 @@ class EncodedPreference:
 class DPOTask:
     name = "dpo"
     kind: ModelKind = "causal"
+    # A resume reads the reference log-probs back: computed again they would come from trained weights.
+    resume_needs: tuple[str, ...] = (REFERENCE_FILE,)
     status_keys: StatusKeys = (
         ("loss", "loss/dpo", ".3f"),
         ("accuracy", "rewards/accuracies", ".3f"),
@@ -102,7 +104,7 @@ class DPOTask:
     def prepare(self, model: Any, splits: dict[str, list[Any]], run_dir: Path, resumed: bool) -> None:
         """The reference log-probs: read back on resume, else computed now with the starting weights."""
         path = run_dir / REFERENCE_FILE
-        if resumed and path.is_file():
+        if resumed:  # Run checked that it is there (resume_needs): never recomputed with trained weights
             saved = torch.load(path, map_location="cpu")
         else:
             term.console.print("dpo: reference log-probs of every pair, with the starting weights (once)")

@@ -36,7 +36,15 @@ from tether.evaluation.batch import batch_metrics, batch_samples
 from tether.evaluation.watcher import Watcher
 from tether.loading.roles import load_rollout_roles
 from tether.optim import UpdateGuard, describe_update, make_optimizer, minibatches, take_step
-from tether.passes import OldPass, policy_pass, reference_pass, sample_batch, score_batch, update_logprobs
+from tether.passes import (
+    OldPass,
+    policy_pass,
+    probe_scorers,
+    reference_pass,
+    sample_batch,
+    score_batch,
+    update_logprobs,
+)
 from tether.run.checkpoints import Stateful
 from tether.run.log import Timer
 from tether.run.loop import Run
@@ -83,6 +91,9 @@ class GRPOTrainer:
         self.guard = UpdateGuard()
         self.total_steps, self.sample_every = cfg.train.steps, cfg.train.sample_every
         self.eval_every = self.watcher.eval_every
+        # Every scorer once on a small real batch, before the run directory is changed.
+        judge = self.watcher.evaluator.check_judge if self.watcher.evaluator is not None else None
+        probe_scorers(self.roles, cfg, [p.text for p in self.prompts], self.prompt_ids, judge)
         self.run.start(self.stateful_parts())
 
     def train(self) -> Path:

@@ -53,6 +53,7 @@ class Task(Protocol):
 
     name: str  # the stage: 'sft', 'rm' or 'dpo'
     kind: ModelKind  # the model it trains
+    resume_needs: tuple[str, ...]  # files of the run directory a resume reads (dpo: the reference log-probs)
     status_keys: StatusKeys  # (label, metric, format) shown after each step
 
     def load(self, path: str | None, split: str) -> list[Any]:
@@ -135,6 +136,7 @@ class OfflineTrainer:
         self.device = self.run.device
         self.tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
         self.task = task = make_task(self.tokenizer)
+        self.run.require_for_resume(task.resume_needs)
         self.status_keys = task.status_keys
         self.encoder = Encoder(self.tokenizer, config, eos_token_ids(self.tokenizer)[0])
 

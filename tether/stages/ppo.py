@@ -52,6 +52,7 @@ from tether.optim import UpdateGuard, describe_update, make_optimizer, minibatch
 from tether.passes import (
     OldPass,
     policy_pass,
+    probe_scorers,
     reference_pass,
     sample_batch,
     score_batch,
@@ -117,6 +118,9 @@ class PPOTrainer:
         self.guard = UpdateGuard()
         self.total_steps, self.sample_every = cfg.train.steps, cfg.train.sample_every
         self.eval_every = self.watcher.eval_every
+        # Every scorer once on a small real batch, before the run directory is changed.
+        judge = self.watcher.evaluator.check_judge if self.watcher.evaluator is not None else None
+        probe_scorers(self.roles, cfg, [p.text for p in self.prompts], self.prompt_ids, judge)
         self.run.start(self.stateful_parts())
 
     @property

@@ -42,6 +42,7 @@ class EncodedPair:
 
 class RewardModelTask:
     name = "rm"
+    resume_needs: tuple[str, ...] = ()
     kind: ModelKind = "scalar"
     status_keys: StatusKeys = (("loss", "loss/rm", ".3f"), ("accuracy", "rm/accuracy", ".3f"))
 

@@ -8,7 +8,7 @@ is the mean negative log-likelihood of the response tokens, EOS included (so the
 stop), averaged over every response token of the batch. Prompt tokens and padding are never in the
 loss. The final model (a full model, or the LoRA adapter) is what `model.name` of `tether ppo`
 takes; a LoRA adapter is merged into its base when PPO loads it, so PPO's reference is the SFT
-model (RLHF-DETAILS 17).
+model (docs/concepts/details.md item 17).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class EncodedExample:
 
 class SFTTask:
     name = "sft"
+    resume_needs: tuple[str, ...] = ()
     kind: ModelKind = "causal"
     status_keys: StatusKeys = (("loss", "loss/sft", ".3f"),)
 
