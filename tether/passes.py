@@ -88,10 +88,12 @@ def policy_pass(
 
 @torch.no_grad()
 def reference_pass(roles: RolloutRoles, config: OnlineConfig, trajectory: Trajectory) -> Trajectory:
+    reference = roles.reference
+    assert reference is not None, "a run without a reference (grpo.kl_in=none) runs no reference pass"
     ids, attn, start = trajectory.input_ids, trajectory.attention_mask, trajectory.response_start
     with autocast(ids.device, config.model.dtype):
         (ref_logprobs,) = in_chunks(
-            lambda i, m: (roles.reference.logprobs(i, m, start, config.rollout.temperature, config.speed),),
+            lambda i, m: (reference.logprobs(i, m, start, config.rollout.temperature, config.speed),),
             ids,
             attn,
             config.sizes().pass_rows,

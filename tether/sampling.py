@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from tether.config import SpeedConfig
 from tether.speed.prepared_linears import prepared_linears
 from tether.speed.sampler import SampleTokens
-from tether.speed.shared_prefix import prefix_pass, split_shared_prefix, unsupported
+from tether.speed.shared_prefix import cache_keyword, prefix_pass, split_shared_prefix, unsupported
 from tether.trajectory import Trajectory
 
 
@@ -153,7 +153,7 @@ def _generate_inputs(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, speed:
     if cache is None:
         return plain
     ids = torch.cat([split.prefix_ids.expand(len(prompt_ids), -1), split.rest_ids], dim=1)
-    return {"input_ids": ids, "attention_mask": split.attention_mask.long(), "past_key_values": cache}
+    return {"input_ids": ids, "attention_mask": split.attention_mask.long(), cache_keyword(model): cache}
 
 
 def decode_responses(tokenizer: Any, trajectory: Trajectory, eos_ids: list[int]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -128,3 +129,16 @@ def gather_trajectory(trajectory: Trajectory, pad_id: int) -> Trajectory:
     device = trajectory.prompt_ids.device
     parts = gather_objects(trajectory.to(torch.device("cpu")))
     return concat_trajectories(parts, pad_id).to(device)
+
+
+def select_rows(trajectory: Trajectory, rows: Tensor) -> Trajectory:
+    """The trajectory of some of its rows, in the order given ((n,) long indices)."""
+    picked: dict[str, Any] = {}
+    for f in dataclasses.fields(trajectory):
+        value = getattr(trajectory, f.name)
+        if isinstance(value, Tensor) and value.numel():
+            picked[f.name] = value[rows.to(value.device)]
+        elif isinstance(value, tuple) and value:
+            picked[f.name] = tuple(value[int(i)] for i in rows)
+    parts = {name: value[rows.to(value.device)] for name, value in trajectory.score_parts.items()}
+    return dataclasses.replace(trajectory, **picked, score_parts=parts)

@@ -481,22 +481,74 @@ class PPOParams:
 
 @dataclass
 class GRPOParams:
+    """The critic-free family on one stage: an advantage estimator, a policy loss, how the loss is
+    aggregated, where the KL goes, and DAPO's sampling rules; each choice is one key
+    (docs/stages/grpo.md has the recipes: GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO, GSPO)."""
+
+    estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = setting(
+        "grpo",
+        "Advantage estimator. 'grpo': the score minus its group's mean, divided by the group's std when "
+        "scale_rewards (Shao et al. 2024). 'rloo': minus the mean of the other samples of its prompt (Ahmadian et "
+        "al. 2024). 'reinforce_pp': per-token KL in the reward, reward-to-go, whitened over the whole batch (Hu "
+        "2025). 'reinforce_pp_baseline': the group mean subtracted first, then as reinforce_pp.",
+    )
     epochs: int = setting(1, "Epochs over each rollout batch (TRL calls it num_iterations).", positive)
     minibatch_size: int = setting(
         8, "Sequences per optimizer step; must divide batch_size * samples_per_prompt.", positive
     )
-    clip_coef: float = setting(0.2, "Policy ratio clip range epsilon.", positive)
+    policy_loss: Literal["clip", "gspo"] = setting(
+        "clip",
+        "'clip': PPO's clipped token ratio, range [1 - clip_coef, 1 + clip_high]. 'gspo': GSPO's sequence-level, "
+        "length-normalised ratio, clipped the same way (Zheng et al. 2025; it wants epsilons near 3e-4 / 4e-4).",
+    )
+    clip_coef: float = setting(0.2, "Policy ratio clip range below 1 (and above it unless clip_high is set).", positive)
+    clip_high: float | None = setting(
+        None, "Clip range above 1 (DAPO's clip-higher, e.g. 0.28). null: clip_coef.", positive
+    )
+    dual_clip: float | None = setting(
+        None,
+        "Dual-clip constant c > 1 (Ye et al. 2020): for negative advantages the loss is bounded by -c * A. null: off.",
+    )
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_sum_constant"] = setting(
+        "token_mean",
+        "How a minibatch's token losses become one: 'token_mean' (over all its tokens), 'seq_mean_token_mean' "
+        "(the mean of each response's token mean, GRPO's paper), 'seq_mean_token_sum', 'seq_sum_constant' "
+        "(token sums divided by responses x rollout.max_new_tokens: Dr. GRPO). Exact for any micro-batch split.",
+    )
     kl_coef: float = setting(
         0.04, "Weight of the KL to the reference (0: no KL term; objective/kl is logged still).", non_negative
     )
-    kl_in: Literal["loss", "reward"] = setting(
+    kl_in: Literal["loss", "reward", "none"] = setting(
         "loss",
-        "'loss': k3 KL to the reference added to the loss per token (DeepSeekMath). "
-        "'reward': the response's summed k1 KL subtracted from its score before the group statistics.",
+        "'loss': k3 KL to the reference added to the loss per token (DeepSeekMath). 'reward': the KL "
+        "(kl_estimator) subtracted from the score (reinforce_pp: per token). 'none': no KL, no reference pass, "
+        "and for full fine-tuning no reference model (objective/kl is then not logged).",
     )
+    kl_estimator: Literal["k1", "k2", "k3"] = setting("k1", "The KL estimator of kl_in='reward'.")
     scale_rewards: bool = setting(
-        True, "Divide by the group's standard deviation after removing its mean (false: mean only, Dr. GRPO)."
+        True,
+        "estimator 'grpo': divide by the group's standard deviation after removing its mean (false: mean only, "
+        "Dr. GRPO).",
     )
+    dynamic_sampling: bool = setting(
+        False,
+        "DAPO's dynamic sampling: drop the groups whose scores are all equal (no signal) and sample more prompts "
+        "until train.batch_size groups carry one, up to max_sampling_rounds (logged: grpo/dropped_groups).",
+    )
+    max_sampling_rounds: int = setting(
+        4, "Most sampling rounds an iteration takes with dynamic_sampling; then it trains on what it has.", positive
+    )
+    overlong_buffer: int | None = setting(
+        None,
+        "DAPO's overlong reward shaping: a penalty growing linearly over the last this many tokens before "
+        "rollout.max_new_tokens, reaching -overlong_penalty at the limit. null: off.",
+        positive,
+    )
+    overlong_penalty: float = setting(1.0, "The overlong shaping's largest penalty.", non_negative)
+
+    def check(self, prefix: str) -> None:
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ConfigError(f"{prefix}dual_clip must be > 1 (it bounds the loss at -c * A), got {self.dual_clip}")
 
 
 @dataclass

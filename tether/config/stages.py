@@ -127,10 +127,28 @@ class GRPOConfig(RolloutStageConfig):
     grpo: GRPOParams = field(default_factory=GRPOParams)
 
     def check(self, prefix: str = "") -> None:
-        if self.rollout.samples_per_prompt < 2:
+        grpo, samples = self.grpo, self.rollout.samples_per_prompt
+        grouped = grpo.estimator != "reinforce_pp" or grpo.dynamic_sampling
+        if grouped and samples < 2:
+            why = (
+                "dynamic sampling drops groups whose scores are all equal"
+                if grpo.dynamic_sampling
+                else (f"grpo.estimator={grpo.estimator!r} compares the responses to one prompt with each other")
+            )
             raise ConfigError(
-                f"rollout.samples_per_prompt={self.rollout.samples_per_prompt}: grpo compares the responses "
-                "to one prompt with each other, so it needs at least 2 (4 to 16 is usual)"
+                f"rollout.samples_per_prompt={samples}: {why}, so it needs at least 2 (4 to 16 is usual; "
+                "grpo.estimator='reinforce_pp' takes 1)"
+            )
+        if grpo.overlong_buffer is not None and grpo.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"grpo.overlong_buffer={grpo.overlong_buffer} must be below rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens}: the penalty ramps over the last tokens before the limit"
+            )
+        if grpo.policy_loss == "gspo" and grpo.loss_aggregation == "seq_sum_constant":
+            raise ConfigError(
+                "grpo.policy_loss='gspo' with grpo.loss_aggregation='seq_sum_constant': GSPO's ratio is already a "
+                "per-response mean, and summing it over tokens weights long responses by their length, which the "
+                "length normalisation exists to avoid; use 'seq_mean_token_mean' (GSPO's own) or 'token_mean'"
             )
         super().check(prefix)
 

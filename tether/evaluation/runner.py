@@ -57,7 +57,7 @@ class Evaluator:
         self,
         settings: EvalConfig,
         tokenizer: Any,
-        reference: Reference,
+        reference: Reference | None,
         rewards: RewardSources,
         prompts: list[Prompt],
         prompt_ids: list[list[int]],
@@ -108,7 +108,7 @@ class Evaluator:
         texts = list(rollout.responses)
         scores, parts = self.rewards.score_trajectory(rollout)
         judge = self._judge_scores(scores, parts, prompt_texts, texts, rollout.finished.tolist())
-        kl = self._sequence_kl(model, rollout) if temperature > 0 else None
+        kl = self._sequence_kl(model, rollout) if temperature > 0 and self.reference is not None else None
 
         lengths = rollout.response_lengths.tolist()
         result: dict[str, Any] = {
@@ -165,6 +165,7 @@ class Evaluator:
         start, temperature = rollout.response_start, self.settings.temperature
         with autocast(self.device, self.dtype):
             (logprobs,) = response_logprobs(model, ids, attn, start, temperature, speed=self.speed)
+            assert self.reference is not None
             ref_logprobs = self.reference.logprobs(ids, attn, start, temperature, self.speed)
         kl = kl_per_token(logprobs, ref_logprobs, "k3")
         mask = rollout.response_mask.to(self.device)
@@ -260,7 +261,7 @@ def build_evaluator(config: OnlineConfig, device: torch.device | None = None) ->
 def evaluator_for(
     config: OnlineConfig,
     tokenizer: Any,
-    reference: Reference,
+    reference: Reference | None,
     rewards: RewardSources,
     eos_ids: list[int],
     device: torch.device,
@@ -288,6 +289,7 @@ def evaluate_targets(config: OnlineConfig, targets: list[Target]) -> dict[str, A
         resolve_model_path(target.model)
     evaluator = build_evaluator(config)
     results: dict[str, dict[str, Any]] = {}
+    assert evaluator.reference is not None  # build_evaluator always loads the starting model
     with evaluator.reference.as_model() as start:
         results[START] = evaluator.evaluate(start, START)
     for target in targets:

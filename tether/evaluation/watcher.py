@@ -17,6 +17,10 @@ from tether.files import atomic_write_text
 from tether.loading.roles import RolloutRoles
 from tether.roles.reference import Reference
 from tether.run.checkpoints import step_dir_name
+from tether.run.directory import RunDirError
+from tether.runtime import is_main
+
+START_FILE = "start.json"  # eval/start.json: the starting model's eval result, when no reference model is held
 
 
 class Watcher:
@@ -37,7 +41,7 @@ class Watcher:
         config: OnlineConfig,
         run_dir: Path,
         evaluator: Evaluator | None,
-        reference: Reference,
+        reference: Reference | None,
         kl_target: float | None,
     ) -> None:
         self.config = config
@@ -56,9 +60,26 @@ class Watcher:
         """The starting model (the reference) on the eval set; deterministic, so computed once."""
         assert self.evaluator is not None
         if self._start_eval is None:
+            assert self.reference is not None, "keep_start() evaluates the start of a run without a reference"
             with self.reference.as_model() as start:
                 self._start_eval = self.evaluator.evaluate(start, START)
         return self._start_eval
+
+    def keep_start(self, policy: Any, resumed: bool) -> None:
+        """A run with no reference model (grpo.kl_in=none, full fine-tuning) judges against its start
+        still: the policy before its first update is the starting model, evaluated now and kept in
+        eval/start.json, which a resumed run reads back."""
+        if self.evaluator is None or self.reference is not None:
+            return
+        path = self.run_dir / "eval" / START_FILE
+        if resumed:
+            if not path.is_file():
+                raise RunDirError(f"--resume: {path} is missing: the starting model's eval result cannot be made again")
+            self._start_eval = json.loads(path.read_text())
+            return
+        self._start_eval = self.evaluator.evaluate(policy, START)
+        if is_main():
+            atomic_write_text(path, json.dumps(self._start_eval, indent=2))
 
     def periodic_eval(self, policy: Any, step: int) -> dict[str, float]:
         """The policy on the fixed eval set now: eval/* metrics, and the full result in eval/step-N.json."""

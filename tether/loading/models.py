@@ -38,10 +38,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 from transformers.utils import logging as hf_logging
 
 from tether.config import ConfigError, LoraConfig
 from tether.errors import TetherError
+from tether.roles.score_model import is_score_model_folder, load_score_model, score_model_from_causal_lm
 from tether.roles.value import scalar_head
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -290,6 +292,9 @@ def load_scalar_model(
             # loaded as a plain adapter, its weights land on the same module names.
             adapter.task_type = None
         model = PeftModel.from_pretrained(base_model, path, config=adapter).merge_and_unload().requires_grad_(True)
+    elif is_score_model_folder(path):  # tether's own form, for architectures without a classifier class
+        with quiet_transformers():
+            model = _loaded(name, load_score_model, path, trust_remote_code=trust_remote_code)
     else:
         config = _loaded(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
         has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
@@ -307,14 +312,20 @@ def load_scalar_model(
             )
         config.num_labels = 1
         with quiet_transformers():
-            model = _loaded(
-                name,
-                AutoModelForSequenceClassification.from_pretrained,
-                path,
-                config=config,
-                dtype=torch.float32,
-                trust_remote_code=trust_remote_code,
-            )
+            if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or trust_remote_code:
+                model = _loaded(
+                    name,
+                    AutoModelForSequenceClassification.from_pretrained,
+                    path,
+                    config=config,
+                    dtype=torch.float32,
+                    trust_remote_code=trust_remote_code,
+                )
+            else:  # no *ForSequenceClassification in transformers: the body and a head of tether's own
+                causal_lm = _loaded(
+                    name, AutoModelForCausalLM.from_pretrained, path, dtype=torch.float32, trust_remote_code=False
+                )
+                model = score_model_from_causal_lm(causal_lm)
         if not has_head:
             with torch.no_grad():
                 for param in scalar_head(model).parameters():

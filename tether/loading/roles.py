@@ -38,7 +38,7 @@ class RolloutRoles:
 
     tokenizer: Any
     policy: Any
-    reference: Reference
+    reference: Reference | None  # None: grpo.kl_in=none with full fine-tuning (no reference model at all)
     rewards: RewardSources
     eos_ids: list[int]
     value_model: Any = None
@@ -64,9 +64,10 @@ def load_rollout_roles(config: OnlineConfig, checkpoint: Path | None, device: to
     policy = load_trainable("causal", cfg.name, cfg.lora, tokenizer, checkpoint, trust).to(device)
     broadcast_trainable(policy)
     say_refusals(config.speed, policy, "the policy")
+    reference: Reference | None = None
     if cfg.lora is not None and cfg.ref_model is None:
-        reference = Reference(lora_policy=policy)
-    else:
+        reference = Reference(lora_policy=policy)  # costs nothing: the same weights, adapter off
+    elif getattr(getattr(config, "grpo", None), "kl_in", "loss") != "none":  # kl_in=none: no KL, no reference
         ref_model: Any = load_causal_lm(cfg.ref_model or cfg.name, tokenizer, trust)
         reference = Reference(model=ref_model.to(device))
     rewards = load_rewards(config, tokenizer, device)

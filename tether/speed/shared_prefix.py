@@ -17,6 +17,8 @@ blocks).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,8 +149,8 @@ def forward_sharing_prefix(
         input_ids=split.rest_ids,
         attention_mask=split.attention_mask,
         position_ids=split.rest_positions,
-        past_key_values=cache,
         use_cache=False,
+        **{cache_keyword(model): cache},
         **kwargs,
     )
     return rest, prefix, split
@@ -163,10 +165,23 @@ def prefix_pass(model: Any, split: PrefixSplit, batch_size: int, **kwargs: Any) 
         use_cache=True,
         **kwargs,
     )
-    cache = getattr(prefix, "past_key_values", None)
+    cache = prefix.get(cache_keyword(model))  # a model output is a mapping of what it returned
     if cache is not None:
         cache.batch_repeat_interleave(batch_size)
     return prefix, cache
+
+
+@functools.cache
+def _forward_takes_cache(model_class: type) -> bool:
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
+def cache_keyword(model: Any) -> str:
+    """The name a model's forward (and generate) gives its KV cache, in and out: 'cache' from
+    transformers 5.24 on (where 'past_key_values' is deprecated, to be removed in 5.40),
+    'past_key_values' before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if _forward_takes_cache(type(inner)) else "past_key_values"
 
 
 def expand_to_columns(prefix_states: Tensor, rest_states: Tensor, split: PrefixSplit) -> Tensor:

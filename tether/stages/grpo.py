@@ -1,20 +1,22 @@
-"""GRPO: PPO's clipped policy update with no critic; the baseline is the other responses to the same
-prompt (Shao et al. 2024, DeepSeekMath, section 4.1).
+"""The critic-free family: PPO's clipped update with no value model, the baseline taken from the other
+responses to the same prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline, DAPO, GSPO) or from the
+whole batch (REINFORCE++). Every choice is a key of the `grpo` section.
 
     tether grpo --config configs/grpo-arithmetic.yaml --output runs/grpo
     GRPOTrainer(load_config(GRPOConfig, "configs/grpo-arithmetic.yaml"), "runs/grpo").train()
 
 One iteration (`GRPOTrainer.iteration`):
   1. draw a batch of prompts (seeded, resumable order)
-  2. sample rollout.samples_per_prompt responses to each (a group), truncate each after its first EOS
-  3. forward passes without grad: old log-probs and entropy (policy), reference log-probs (the
-     policy's keeps its graph when the first update step reuses it, as in ppo)
-  4. score the responses (reward model / function), add the missing-EOS penalty
-  5. grpo.kl_in=reward only: subtract kl_coef * (the response's summed KL) from its score
-  6. group-relative advantages: the score minus its group's mean (divided by the group's std when
-     grpo.scale_rewards), the same advantage for every token of the response
-  7. epochs of shuffled minibatches: clipped policy loss, plus kl_coef * k3 KL to the reference
-     when grpo.kl_in=loss; gradient clipping
+  2. sample rollout.samples_per_prompt responses to each (a group), truncate each after its first EOS;
+     with grpo.dynamic_sampling, score them now, keep the groups whose scores differ and sample more
+     prompts until the batch is full (DAPO)
+  3. forward passes without grad: old log-probs and entropy (policy), reference log-probs (none with
+     grpo.kl_in=none); the policy's keeps its graph when the first update step reuses it, as in ppo
+  4. score the responses (reward sources, the missing-EOS penalty, DAPO's overlong shaping)
+  5. grpo.kl_in=reward only: the KL to the reference into the score (per token for reinforce_pp)
+  6. advantages by grpo.estimator
+  7. epochs of shuffled minibatches: the policy loss (clipped token ratio or GSPO's sequence ratio),
+     plus kl_coef * k3 KL to the reference when grpo.kl_in=loss, aggregated by grpo.loss_aggregation
   8. log
 The run around it is the one loop of every stage (run/loop.py).
 """
@@ -30,7 +32,20 @@ from torch import Tensor
 
 from tether.config import GRPOConfig
 from tether.console import StatusKeys
-from tether.core import group_advantages, kl_loss, kl_per_token, ppo_policy_loss
+from tether.core import (
+    aggregate,
+    clipped_policy_loss,
+    group_advantages,
+    gspo_policy_loss,
+    informative_groups,
+    kl_per_token,
+    loss_normaliser,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    spread_over_tokens,
+)
 from tether.data import PromptSampler, encode_prompts, load_prompts, shipped_data
 from tether.evaluation.batch import batch_metrics, batch_samples
 from tether.evaluation.watcher import Watcher
@@ -51,11 +66,11 @@ from tether.run.loop import Run
 from tether.runtime import is_main, require_divisible, shard
 from tether.speed.old_pass import reuses_old_pass
 from tether.stages.ppo import SHIPPED_PROMPTS
-from tether.trajectory import Trajectory, gather_trajectory
+from tether.trajectory import Trajectory, concat_trajectories, gather_trajectory, select_rows
 
 
 class GRPOTrainer:
-    """Policy, reference and reward sources (no critic), the optimizer and the run."""
+    """Policy, reference (unless grpo.kl_in=none) and reward sources, no critic; the optimizer and the run."""
 
     status_keys: StatusKeys = (
         ("score", "objective/scores", "+.3f"),
@@ -71,6 +86,7 @@ class GRPOTrainer:
         self.device = self.run.device
         require_divisible(cfg.train.batch_size, "train.batch_size")  # a group never spans processes
 
+        self.with_reference = cfg.grpo.kl_in != "none"
         self.roles = load_rollout_roles(cfg, self.run.resume_from, self.device)
         self.tokenizer, self.policy, self.reference = self.roles.tokenizer, self.roles.policy, self.roles.reference
         self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
@@ -95,72 +111,135 @@ class GRPOTrainer:
         judge = self.watcher.evaluator.check_judge if self.watcher.evaluator is not None else None
         probe_scorers(self.roles, cfg, [p.text for p in self.prompts], self.prompt_ids, judge)
         self.run.start(self.stateful_parts())
+        self.watcher.keep_start(self.policy, self.run.resumed)
 
     def train(self) -> Path:
         """Run the remaining iterations; returns the final checkpoint folder."""
         return self.run.loop(self)
 
     def iteration(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """One GRPO iteration: rollout, scoring, group advantages, update. Returns (metrics, samples)."""
+        """One iteration: rollout, scoring, advantages, update. Returns (metrics, samples)."""
         cfg, roles = self.config, self.roles
         grpo = cfg.grpo
         timer = Timer()
 
-        # 1. A batch of prompts (this process's share).
-        batch = shard(self.sampler.next_batch())
-
-        # 2. Sample a group of responses to each prompt.
+        # 1.-2. A batch of prompts (this process's share) and a group of responses to each; with
+        # dynamic sampling, only groups whose scores differ, sampled until the batch is full.
         with timer("rollout"):
-            trajectory = sample_batch(
-                roles, cfg, [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
-            )
+            trajectory = self.sample(shard(self.sampler.next_batch()))
+        sampling: dict[str, float] = {}
+        if grpo.dynamic_sampling:
+            trajectory, sampling = self.keep_informative_groups(trajectory, timer)
 
         # 3. Old log-probs and entropy (with the graph when the first step reuses them), reference log-probs.
+        reuse = reuses_old_pass(cfg.speed, self.sizes) and not grpo.dynamic_sampling
         with timer("logprobs"):
-            trajectory, old_pass = policy_pass(
-                roles, cfg, trajectory, keep_graph=reuses_old_pass(cfg.speed, self.sizes)
-            )
-        with timer("ref"):
-            trajectory = reference_pass(roles, cfg, trajectory)
+            trajectory, old_pass = policy_pass(roles, cfg, trajectory, keep_graph=reuse)
+        if self.with_reference:
+            with timer("ref"):
+                trajectory = reference_pass(roles, cfg, trajectory)
 
-        # 4. Scores, then the whole batch in every process.
-        with timer("score"):
-            trajectory = score_batch(roles, trajectory)
+        # 4. Scores (already there with dynamic sampling), then the whole batch in every process.
+        if not grpo.dynamic_sampling:
+            with timer("score"):
+                trajectory = score_batch(roles, trajectory)
         trajectory = gather_trajectory(trajectory, roles.pad_id)
         mask = trajectory.mask  # (B, R)
+        scores = trajectory.scores  # (B,)
+        if grpo.overlong_buffer is not None:  # DAPO: a soft penalty over the last tokens before the limit
+            shaping = overlong_penalty(
+                trajectory.response_lengths, cfg.rollout.max_new_tokens, grpo.overlong_buffer, grpo.overlong_penalty
+            )
+            scores = scores + shaping.to(scores.device)
+            sampling["grpo/overlong_penalty_mean"] = float(shaping.mean())
 
-        # 5. The KL to the reference: logged always, in the score only when kl_in=reward.
-        kl = kl_per_token(trajectory.old_logprobs, trajectory.ref_logprobs, "k1")  # (B, R)
-        sequence_kl = torch.where(mask, kl, torch.zeros_like(kl)).sum(dim=1)  # (B,)
-        scores = trajectory.scores
-        if grpo.kl_in == "reward":
-            scores = scores - grpo.kl_coef * sequence_kl
-
-        # 6. Group-relative advantages: one number per response, spread over its tokens.
+        # 5. The KL to the reference: logged (k1), in the score only when kl_in=reward.
+        sequence_kl = torch.zeros(len(trajectory), device=mask.device)
+        reward_kl = None
+        if self.with_reference:
+            kl = kl_per_token(trajectory.old_logprobs, trajectory.ref_logprobs, "k1")  # (B, R)
+            sequence_kl = torch.where(mask, kl, torch.zeros_like(kl)).sum(dim=1)  # (B,)
+            if grpo.kl_in == "reward":
+                reward_kl = kl_per_token(trajectory.old_logprobs, trajectory.ref_logprobs, grpo.kl_estimator)
+                reward_kl = torch.where(mask, reward_kl, torch.zeros_like(reward_kl))
         group = trajectory.prompt_index  # (B,) responses to the same prompt share it
-        advantages = group_advantages(scores, group, grpo.scale_rewards)  # (B,)
-        token_advantages = advantages[:, None] * mask  # (B, R)
+
+        # 6. Advantages, (B, R).
+        if grpo.estimator in ("grpo", "rloo"):
+            if reward_kl is not None:  # outcome estimators: the response's summed KL leaves its score
+                scores = scores - grpo.kl_coef * reward_kl.sum(dim=1)
+            outcome = (
+                group_advantages(scores, group, grpo.scale_rewards)
+                if grpo.estimator == "grpo"
+                else rloo_advantages(scores, group)
+            )
+            advantages = spread_over_tokens(outcome, mask)
+        elif grpo.estimator == "reinforce_pp":
+            advantages = reinforce_pp_advantages(scores, mask, reward_kl, grpo.kl_coef)
+        else:
+            advantages = reinforce_pp_baseline_advantages(scores, group, mask, reward_kl, grpo.kl_coef)
 
         # 7. Epochs over minibatches.
         lr = self.scheduler.get_last_lr()[0]
         with timer("train"):
-            update_stats = self.update(trajectory, token_advantages, old_pass)
+            update_stats = self.update(trajectory, advantages, old_pass)
 
         metrics = {
             **batch_metrics(trajectory, sequence_kl, timer, self.device),
             "objective/kl_coef": grpo.kl_coef,
             "objective/rlhf_reward": float((trajectory.scores - grpo.kl_coef * sequence_kl).mean()),
-            **group_stats(scores, group),
+            **(group_stats(scores, group) if cfg.rollout.samples_per_prompt > 1 else {}),
+            **sampling,
             **update_stats,
             "lr": lr,
             "train/skipped_updates": float(self.guard.skipped_updates),
         }
+        if not self.with_reference:
+            del metrics["objective/kl"]  # no reference to measure it against
         return metrics, batch_samples(trajectory, sequence_kl)
 
+    def sample(self, batch: list[int]) -> Trajectory:
+        return sample_batch(
+            self.roles, self.config, [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
+        )
+
+    def keep_informative_groups(self, trajectory: Trajectory, timer: Timer) -> tuple[Trajectory, dict[str, float]]:
+        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): score the groups, keep those whose
+        scores are not all equal (the others have zero advantage: no signal), and sample further
+        batches of prompts until train.batch_size groups are kept or grpo.max_sampling_rounds is
+        reached. Decided on the whole batch of every process; returns this process's share of the
+        kept rows, scored, and the counts to log."""
+        cfg, roles = self.config, self.roles
+        kept: Trajectory | None = None
+        groups = dropped = rounds = 0
+        while True:
+            rounds += 1
+            with timer("score"):
+                whole = gather_trajectory(score_batch(roles, trajectory), roles.pad_id)
+            signal = informative_groups(whole.scores, whole.prompt_index)
+            dropped += int(torch.unique(whole.prompt_index[~signal]).numel())
+            rows = signal.nonzero().flatten()
+            if rows.numel():
+                chosen = select_rows(whole, rows)
+                kept = chosen if kept is None else concat_trajectories([kept, chosen], roles.pad_id)
+                groups = int(torch.unique(kept.prompt_index).numel())
+            if groups >= cfg.train.batch_size or rounds >= cfg.grpo.max_sampling_rounds:
+                break
+            with timer("rollout"):
+                trajectory = self.sample(shard(self.sampler.next_batch()))
+        stats = {"grpo/sampling_rounds": float(rounds), "grpo/dropped_groups": float(dropped)}
+        if kept is None:  # every group of every round had equal scores: train on the last round as it is
+            kept = whole
+        labels = torch.unique_consecutive(kept.prompt_index)[: cfg.train.batch_size]
+        kept = select_rows(kept, torch.isin(kept.prompt_index, labels).nonzero().flatten())
+        stats["grpo/kept_groups"] = float(len(labels))
+        return select_rows(kept, shard(torch.arange(len(kept)))), stats
+
     def update(self, trajectory: Trajectory, advantages: Tensor, old_pass: OldPass | None) -> dict[str, float]:
-        """grpo.epochs of shuffled minibatches; every minibatch is one optimizer step, its loss a
-        token mean over the whole minibatch however it is split into micro-batches. The first step
-        backpropagates through the old log-probs' pass when it kept its graph (`old_pass`)."""
+        """grpo.epochs of shuffled minibatches; every minibatch is one optimizer step, its loss
+        aggregated over the whole minibatch (grpo.loss_aggregation) however it is split into
+        micro-batches. The first step backpropagates through the old log-probs' pass when it kept
+        its graph (`old_pass`)."""
         cfg, roles = self.config, self.roles
         grpo = cfg.grpo
         mask = trajectory.mask
@@ -171,25 +250,32 @@ class GRPOTrainer:
             len(trajectory), self.sizes, grpo.epochs, cfg.train.seed, self.run.step, self.device
         ):
             token_count = mask[minibatch.rows].sum()
+            normaliser = loss_normaliser(mask[minibatch.rows], grpo.loss_aggregation, cfg.rollout.max_new_tokens)
             self.optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = defaultdict(float)
             for rows in minibatch.micro_batches:
                 reused = old_pass if minibatch.first else None
                 new_logprobs = update_logprobs(roles, cfg, trajectory, rows, reused)[0]
-                loss, loss_stats = ppo_policy_loss(
+                policy_loss = gspo_policy_loss if grpo.policy_loss == "gspo" else clipped_policy_loss
+                loss, loss_stats = policy_loss(
                     new_logprobs,
                     trajectory.old_logprobs[rows],
                     advantages[rows],
                     mask[rows],
                     grpo.clip_coef,
+                    grpo.clip_high if grpo.clip_high is not None else grpo.clip_coef,
+                    grpo.dual_clip,
+                    grpo.loss_aggregation,
+                    normaliser,
                     token_count,
                 )
                 stats["loss/policy"] += float(loss.detach())
                 if kl_in_loss:
-                    kl_term, kl_stats = kl_loss(new_logprobs, trajectory.ref_logprobs[rows], mask[rows], token_count)
+                    k3 = kl_per_token(new_logprobs, trajectory.ref_logprobs[rows], "k3")
+                    kl_term = aggregate(k3, mask[rows], grpo.loss_aggregation, normaliser)
                     loss = loss + grpo.kl_coef * kl_term
                     stats["loss/kl"] += float(kl_term.detach())
-                    loss_stats = {**loss_stats, **kl_stats}
+                    loss_stats = {**loss_stats, "policy/ref_kl": kl_term.detach()}
                 loss.backward()
                 for key, value in loss_stats.items():
                     stats[key] += float(value)
@@ -229,11 +315,11 @@ class GRPOTrainer:
 
     def nonfinite_diagnosis(self, checkpoint: Path) -> str:
         return (
-            f"stopped at step {self.run.step}: the last {self.guard.nonfinite_streak} optimizer steps had a non-finite "
-            f"gradient in the policy ({describe_update(self.guard.last_nonfinite)}), so none was applied and the "
-            f"weights are the last finite ones, saved to {checkpoint}. This usually means a learning rate that is "
-            f"too high (train.lr={self.config.train.lr}) or train.max_grad_norm=null. Fix the cause and continue "
-            f"with: tether grpo --resume --output {self.run.run_dir}"
+            f"stopped at step {self.run.step}: the last {self.guard.nonfinite_streak} optimizer steps had a "
+            f"non-finite gradient in the policy ({describe_update(self.guard.last_nonfinite)}), so none was applied "
+            f"and the weights are the last finite ones, saved to {checkpoint}. This usually means a learning rate "
+            f"that is too high (train.lr={self.config.train.lr}) or train.max_grad_norm=null. Fix the cause and "
+            f"continue with: tether grpo --resume --output {self.run.run_dir}"
         )
 
 
