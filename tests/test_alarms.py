@@ -47,6 +47,7 @@ def healthy_series(n: int = N) -> dict[str, list[float]]:
         "objective__kl": [min(0.5 * i, 4.0 + 0.25 * (i % 3)) for i in range(n)],
         "objective__entropy": [2.0 * 0.98**i for i in range(n)],
         "response__top_opening_share": [(0.1, 0.25, 0.15, 0.3)[i % 4] for i in range(n)],
+        "rollout__logprob_gap_mean": [(4e-6, 6e-6, 1e-5)[i % 3] for i in range(n)],  # vLLM agreeing (docs/vllm.md)
     }
 
 
@@ -70,11 +71,13 @@ LENGTH_HACKING = {
     "response__distinct_2": [0.8 * 0.96**i for i in range(N)],
 }
 REPEATED_OPENING = {"response__top_opening_share": [0.2] * (N - 1) + [0.75]}
+SAMPLER_GAP = {"rollout__logprob_gap_mean": [6e-6] * (N - 1) + [0.2]}  # the engine fell out of step
 FAILURES = {
     "kl_runaway": KL_RUNAWAY,
     "entropy_collapse": ENTROPY_COLLAPSE,
     "length_hacking": LENGTH_HACKING,
     "repeated_opening": REPEATED_OPENING,
+    "sampler_gap": SAMPLER_GAP,
 }
 
 

@@ -181,3 +181,35 @@ def test_make_kl_controller_is_fixed_without_target_and_adaptive_with_one():
     adaptive = make_kl_controller(0.05, 6.0, 10_000.0)
     assert isinstance(adaptive, AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.05, 6.0, 10_000.0)
+
+
+def test_truncated_importance_weights_by_hand():
+    """min(pi_train / pi_sample, C) per token, from log-probs: exp(-0.1 - -0.3) = e^0.2 = 1.2214 stays,
+    exp(0 - -1) = e = 2.718 is cut to C = 2, exp(-2 - -1) = e^-1 = 0.3679 stays (no floor: TIS caps only)."""
+    from tether.core import truncated_is_weights
+
+    train = torch.tensor([[-0.1, 0.0, -2.0]], requires_grad=True)
+    sample = torch.tensor([[-0.3, -1.0, -1.0]])
+    weights = truncated_is_weights(train, sample, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[math.exp(0.2), 2.0, math.exp(-1.0)]]))
+    assert not weights.requires_grad  # a factor of the loss, never a path for its gradient
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(train, sample, cap=0.0)
+
+
+def test_importance_weights_scale_each_tokens_policy_loss():
+    """With weights w the clipped loss is sum_t w_t * l_t / n; weights of 1 change nothing."""
+    from tether.core import clipped_policy_loss, ppo_policy_loss
+
+    logprobs = torch.tensor([[-1.0, -0.5, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -0.5, -1.8]])
+    advantages = torch.tensor([[1.0, -2.0, 0.5]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    plain, _ = ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    ones, _ = ppo_policy_loss(logprobs, old, advantages, mask, 0.2, token_weights=torch.ones(1, 3))
+    assert torch.equal(plain, ones)
+    weights = torch.tensor([[0.5, 2.0, 1.0]])
+    weighted, _ = clipped_policy_loss(logprobs, old, advantages, mask, 0.2, 0.2, token_weights=weights)
+    ratio = torch.exp(logprobs - old).detach()
+    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2))
+    assert float(weighted) == pytest.approx(float((weights * per_token).sum() / 3), rel=1e-6)

@@ -45,7 +45,13 @@ def launch(jobs: list[list], folder: Path, processes: int) -> None:
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    # Every process of the worker marks the end of all its jobs, after leaving the process group, then
+    # exits without interpreter shutdown. A non-zero exit with every marker written is gloo aborting
+    # at exit after a complete run (seen on 2-core machines); the tests then check the results themselves.
+    finished = all(Path(f"{jobs_file}.done-rank{rank}").is_file() for rank in range(processes))
+    assert done.returncode == 0 or finished, (
+        f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    )
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -286,27 +292,15 @@ def test_torchrun_runs_the_command_line(tiny_llama: Path, tmp_path: Path):
     assert done.stdout.count("report: ") == 1  # only the main process prints
 
 
-@pytest.mark.parametrize(
-    ("stage", "setting", "expected"),
-    [
-        ("ppo", "model.fsdp=true", "model.fsdp=true shards the trained models with FSDP2"),
-        ("grpo", "rollout.engine=vllm", "rollout.engine=vllm generates with vLLM, which needs a CUDA GPU"),
-        ("ppo", "rollout.engine=vllm", "Use rollout.engine=hf"),
-    ],
-)
-def test_engines_that_need_a_gpu_are_refused_on_a_cpu(tiny_llama, tmp_path, capsys, stage, setting, expected):
+def test_vllm_is_refused_where_it_is_not_installed(tiny_llama, tmp_path, capsys, monkeypatch):
+    """rollout.engine=vllm in an environment without vLLM (this one: tests/test_vllm.py runs in its own,
+    `make test-vllm`): exit 2 with the way to install it, before anything is written."""
+    import tether.engines.vllm
     from tether.cli import main
 
-    args = [stage, *online_overrides(tiny_llama, tmp_path), "train.device=cpu", setting]
-    assert main([*args, "--output", str(tmp_path / "run")]) == 2
-    assert expected in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def test_sharding_is_refused_for_the_offline_stages_too(tiny_llama, tmp_path, capsys):
-    from tether.cli import main
-
-    sft = write_sft_data(tmp_path / "sft")
-    args = ["sft", f"model.name={tiny_llama}", f"data.train={sft[0]}", "train.device=cpu", "model.fsdp=true"]
-    assert main([*args, "--output", str(tmp_path / "run")]) == 2
-    assert "no CUDA GPU here" in capsys.readouterr().err
+    monkeypatch.setattr(tether.engines.vllm, "vllm_available", lambda: False)
+    for stage in ("grpo", "ppo"):
+        args = [stage, *online_overrides(tiny_llama, tmp_path), "train.device=cpu", "rollout.engine=vllm"]
+        assert main([*args, "--output", str(tmp_path / "run")]) == 2
+        assert "rollout.engine=vllm needs vLLM in this environment" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -143,6 +143,16 @@ def test_reference_stays_frozen_while_the_policy_moves(tiny_llama, task):
     assert not torch.allclose(policy_probe, ref_probe_after)
 
 
+# Chosen over eight seeds each (train.seed 0-7, one thread; docs/LOG.md 2026-12-02): the rise of the
+# share went 0.80-0.98 with the model critic (max |KL| 10.9) and 0.31-0.98 with the head critic, which
+# learns more slowly and needs the adaptive KL controller to stay bounded (max |KL| 13.4). The
+# earlier 40 steps of 8 prompts rose only 0.20 on some seeds with either critic: a coin toss at 0.2.
+LEARNING = {
+    "model": ["train.steps=50"],
+    "head": ["train.steps=60", "ppo.kl_target=6", "ppo.kl_horizon=200"],
+}
+
+
 @pytest.mark.parametrize("critic", ["model", "head"])
 def test_reward_rises_while_kl_stays_bounded(tiny_llama, task, critic):
     """'It learns': the share of the word 'good' (about 1/40 by chance) must rise clearly, with
@@ -151,13 +161,13 @@ def test_reward_rises_while_kl_stays_bounded(tiny_llama, task, critic):
         tiny_llama,
         task,
         f"model.critic={critic}",
-        "train.steps=40",
-        "train.lr=3e-3",
+        "train.lr=2e-3",
         "train.lr_schedule=constant",
         "rollout.missing_eos_penalty=null",
-        "train.batch_size=8",
-        "ppo.minibatch_size=8",
+        "train.batch_size=16",
+        "ppo.minibatch_size=16",
         "eval.num_prompts=0",
+        *LEARNING[critic],
     )
     PPOTrainer(config, task / "run").train()
     rows = read_jsonl(task / "run" / "metrics.jsonl")

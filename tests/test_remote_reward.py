@@ -417,3 +417,117 @@ def test_the_serve_reward_command(tmp_path: Path) -> None:
 def test_serve_reward_refuses_bad_input_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--function", f"{tmp_path / 'missing.py'}:score", "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs against a service: it trains as the function does, judges, and may fail mid-run
+# --------------------------------------------------------------------------------------------
+
+
+class GoodShareService:
+    """tests/test_ppo.py's good_share as a service, which answers 503 from its `down_from`-th request
+    on (counting from 1; None: never) and counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.down_from: int | None = None
+
+    async def endpoint(self, request: Request) -> Response:
+        body = await request.json()
+        self.calls += 1
+        if self.down_from is not None and self.calls >= self.down_from:
+            return Response('{"error": "down for maintenance"}', status_code=503, media_type="application/json")
+        scores = [sum(w == "good" for w in r.split()) / max(len(r.split()), 1) for r in body["responses"]]
+        return Response(json.dumps({"scores": scores}), media_type="application/json")
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/score", self.endpoint, methods=["POST"])])
+
+
+def run_args(tiny_llama: Path, folder: Path, *overrides: str) -> list[str]:
+    from tests.test_ppo import PROMPTS as TASK_PROMPTS
+    from tests.test_ppo import REWARD_FILE as TASK_REWARD
+
+    (folder / "reward.py").write_text(TASK_REWARD)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TASK_PROMPTS))
+    return [
+        "ppo",
+        f"model.name={tiny_llama}",
+        f"data.prompts={folder / 'prompts.jsonl'}",
+        f"data.eval={folder / 'prompts.jsonl'}",
+        "model.critic=head",
+        "train.batch_size=4",
+        "ppo.minibatch_size=4",
+        "rollout.max_new_tokens=8",
+        "train.lr=1e-3",
+        "train.sample_every=0",
+        "train.device=cpu",
+        *(f"reward.{key}={value}" for key, value in FAST.items()),
+        *overrides,
+    ]
+
+
+def test_a_run_scored_by_a_service_is_the_run_scored_in_process_and_a_service_can_judge(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """reward.url in place of reward.function (the same scores) trains the same weights; the same
+    service as reward.gold logs objective/gold_scores, and as eval.judge decides the win rate."""
+    from tests.test_distributed import final_weights
+    from tether.cli import main as tether
+    from tether.run.log import read_jsonl
+
+    service = GoodShareService()
+    function = f"reward.function={tmp_path / 'reward.py'}:good_share"
+    steps = ["train.steps=3", "eval.num_prompts=2"]
+    assert tether([*run_args(tiny_llama, tmp_path, function, *steps), "--output", str(tmp_path / "local")]) == 0
+    with running_server(service.app()) as base:
+        url = base + "/score"
+        served = [f"reward.url={url}", f"reward.gold={url}", f"eval.judge={url}", *steps]
+        assert tether([*run_args(tiny_llama, tmp_path, *served), "--output", str(tmp_path / "served")]) == 0
+    local, remote_rows = (
+        read_jsonl(tmp_path / "local" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "served" / "metrics.jsonl"),
+    )
+    assert [r["objective/scores"] for r in remote_rows] == [r["objective/scores"] for r in local]
+    assert [r["objective/gold_scores"] for r in remote_rows] == [r["objective/function_scores"] for r in local]
+    la, lb = final_weights(tmp_path / "local"), final_weights(tmp_path / "served")
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    evaluation = json.loads((tmp_path / "served" / "eval" / "eval.json").read_text())
+    assert url in json.dumps(evaluation)  # the judge is named
+    # the probe, then per step the training reward and the gold (2 requests), the evaluations
+    assert service.calls >= 1 + 2 * 3
+
+
+def test_a_service_failing_mid_run_stops_it_untrained_with_a_checkpoint_and_resume_is_exact(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service goes down in step 3: after the retries the run stops with exit code 1 and the URL
+    in the message, step 3 trained nothing and logged nothing, the state after step 2 is a
+    checkpoint (save_every would not have written one), and --resume once the service is back ends
+    with the weights and metrics of a run that never saw the failure."""
+    from tests.test_distributed import final_weights
+    from tether.cli import main as tether
+    from tether.run.log import read_jsonl
+
+    service = GoodShareService()
+    with running_server(service.app()) as base:
+        url = base + "/score"
+        args = run_args(tiny_llama, tmp_path, f"reward.url={url}", "train.steps=4", "eval.num_prompts=0")
+        assert tether([*args, "train.save_every=0", "--output", str(tmp_path / "whole")]) == 0
+        capsys.readouterr()
+        service.calls, service.down_from = 0, 4  # 1: the pre-flight probe; 2, 3: steps 1 and 2; 4: step 3
+        assert tether([*args, "train.save_every=0", "--output", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert url in err and "503" in err and "before its update" in err, err[-2000:]
+        assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+        checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+        assert checkpoints == ["step-000002"]
+        service.down_from = None
+        assert tether([*args, "train.save_every=0", "--resume", "--output", str(tmp_path / "run")]) == 0
+    whole, resumed = read_jsonl(tmp_path / "whole" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    drop = ("time/", "throughput/", "memory/")
+    assert [{k: v for k, v in r.items() if not k.startswith(drop)} for r in resumed] == [
+        {k: v for k, v in r.items() if not k.startswith(drop)} for r in whole
+    ]
+    wa, wb = final_weights(tmp_path / "whole"), final_weights(tmp_path / "run")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -515,6 +515,10 @@ def test_a_reward_function_that_exits_mid_run_fails_the_run(task, tmp_path, caps
     )
     code, err = tether("ppo", task, tmp_path / "run", f"reward.function={code_file}:later", capsys=capsys)
     assert code == 2 and "raised SystemExit(0)" in err and "exits_later.py" in err, err[-1500:]
+    # Step 2 failed before its update: the state after step 1 was written to resume from.
+    assert (
+        "before its update" in err and (tmp_path / "run" / "checkpoints" / "step-000001" / "checkpoint.json").is_file()
+    )
 
 
 def test_the_probe_does_not_change_what_a_run_draws(task, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@
     tether STAGE --print-config [--config FILE.yaml] [key.sub=value ...]
     tether eval TARGET... [--config FILE.yaml] [key.sub=value ...] [--output DIR]
     tether compare TARGET TARGET... [--config FILE.yaml] [key.sub=value ...] --output DIR
+    tether plan STAGE [--config FILE.yaml] [key.sub=value ...] [--memory 24GiB] [--processes N] [--time]
     tether serve-reward (--function FILE.py:NAME | --model DIR) [--host H] [--port N] [...]
 
 A TARGET is a run directory (its final model), a checkpoint folder, or a model name.
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from tether.serve_reward import main as serve_reward
 
         return serve_reward(words[1:])
+    if words and words[0] == "plan":
+        from tether.plan import main as plan
+
+        return plan(words[1:])
     args = build_parser().parse_intermixed_args(words)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

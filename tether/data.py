@@ -177,8 +177,10 @@ def encode_prompt(
     chat_template: bool,
     max_length: int,
     overflow: str = "truncate",
+    warn: bool = True,
 ) -> list[int]:
-    """Token ids of a prompt, ready for the response to follow (the generation prompt included)."""
+    """Token ids of a prompt, ready for the response to follow (the generation prompt included).
+    `warn=False`: a prompt cut to max_length is not logged (tether plan measures; the run warns)."""
     ids: Any
     if chat_template:
         ids = tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=True)
@@ -195,7 +197,8 @@ def encode_prompt(
                 f"prompt of {len(ids)} tokens is longer than data.max_prompt_length={max_length}: "
                 f"{prompt.text[:80]!r}..."
             )
-        log.warning("prompt of %d tokens cut to its last %d: %r...", len(ids), max_length, prompt.text[:60])
+        if warn:
+            log.warning("prompt of %d tokens cut to its last %d: %r...", len(ids), max_length, prompt.text[:60])
         ids = ids[-max_length:]  # keep the end: the generation prompt must stay intact
     return ids
 

@@ -30,3 +30,13 @@ class TrainingInterrupted(TetherError):
 
 class RewardError(TetherError, RuntimeError):
     """A reward source (function, model, judge) that cannot be loaded or returned something unusable."""
+
+
+class RewardStoppedRun(RewardError):
+    """A reward source failed mid-run; the run stopped before training on it (a checkpoint of the
+    last whole step written where one can be). The exit code is the failure's own: 2 for a reward
+    function or model that returned something unusable, 1 for a service that failed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

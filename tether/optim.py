@@ -4,7 +4,8 @@ guard that never applies a non-finite gradient. Every stage's update goes throug
 Under torchrun every process draws the same rows for a step and takes its share of them
 (runtime.shard); each loss is divided by the whole step's count, and `take_step` sums the
 gradients over the processes, so each step is the one a single process would take
-(docs/concepts/details.md item 13).
+(docs/concepts/details.md item 13). Under model.fsdp the sharded parameters' gradients arrive summed
+already (FSDP's reduce-scatter, engines/fsdp.py); the rest are summed here as without it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from tether.config import RolloutSizes
@@ -127,8 +129,12 @@ class UpdateGuard:
 
 
 def clip_gradients(params: list[Tensor], max_norm: float | None) -> float:
-    """Clip in place; the norm before clipping (inf or nan when the gradient is not finite)."""
+    """Clip in place; the norm before clipping (inf or nan when the gradient is not finite). For
+    parameters sharded by model.fsdp the norm is the whole gradient's, the same in every process
+    (each holds a shard; a non-finite value in any shard makes it non-finite everywhere)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     return float(norm)
 
 

@@ -1,7 +1,8 @@
 """The passes of a rollout iteration over its batch (ppo, grpo), each a function that returns the
 trajectory with its own fields added (trajectory.py):
 
-    sample_batch     2. responses sampled with the KV cache, truncated after their first EOS, decoded
+    sample_batch     2. responses sampled (transformers' generate, or the vLLM engine), truncated after
+                        their first EOS, decoded; hold_weights gives the engine the policy's weights
     policy_pass      3. the policy's old log-probs and entropy (and a value head's values), no grad
     reference_pass   3. the reference's log-probs
     value_pass       3. a value model's values (ppo)
@@ -21,7 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.config import OnlineConfig
+from tether.config import OnlineConfig, SpeedConfig
+from tether.core import truncated_is_weights
+from tether.engines import fsdp
+from tether.engines.vllm import VLLMEngine
+from tether.loading.models import resolve_model_path
 from tether.loading.roles import RolloutRoles
 from tether.roles.forward import in_chunks
 from tether.roles.policy import response_logprobs
@@ -36,27 +41,68 @@ OldPass = tuple[Tensor, ...]
 
 
 def sample_batch(
-    roles: RolloutRoles, config: OnlineConfig, prompt_texts: list[str], prompt_ids: list[list[int]]
+    roles: RolloutRoles,
+    config: OnlineConfig,
+    prompt_texts: list[str],
+    prompt_ids: list[list[int]],
+    engine: VLLMEngine | None = None,
 ) -> Trajectory:
-    """rollout.samples_per_prompt responses to each prompt, decoded, on the policy's device."""
+    """rollout.samples_per_prompt responses to each prompt, decoded, on the policy's device, with the
+    log-probs the sampler drew them with: transformers' generate, or the vLLM engine (which must
+    hold the policy's current weights: `hold_weights`)."""
     device = next(roles.policy.parameters()).device
-    with autocast(device, config.model.dtype):
-        trajectory, _ = generate(
-            roles.policy,
-            prompt_ids,
-            config.rollout.samples_per_prompt,
-            config.rollout.max_new_tokens,
-            config.rollout.temperature,
-            roles.pad_id,
-            roles.eos_ids,
-            speed=config.speed,
+    rollout = config.rollout
+    sampled: Tensor | None
+    if engine is not None:
+        # The engine's draws are seeded from this process's stream, which checkpoints save: a
+        # resumed run samples what the uninterrupted one would have.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        trajectory, sampled = engine.generate(
+            prompt_ids, rollout.samples_per_prompt, rollout.max_new_tokens, rollout.temperature, seed
         )
+    else:
+        with autocast(device, config.model.dtype), fsdp.gathered(roles.policy):  # model.fsdp: gathered once per call
+            trajectory, sampled = generate(
+                roles.policy,
+                prompt_ids,
+                rollout.samples_per_prompt,
+                rollout.max_new_tokens,
+                rollout.temperature,
+                roles.pad_id,
+                roles.eos_ids,
+                speed=config.speed,
+                # Free with tether's sampler (it has them); transformers' would keep every step's logits.
+                return_logprobs=config.speed.inverse_cdf_sampler,
+            )
+    if sampled is not None:
+        trajectory = dataclasses.replace(trajectory, sample_logprobs=sampled)
     trajectory = trajectory.to(device)
     return dataclasses.replace(
         trajectory,
         prompts=tuple(prompt_texts[int(i)] for i in trajectory.prompt_index),
         responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids),
     )
+
+
+def hold_weights(
+    engine: VLLMEngine, model: Any, version: Any, probe: list[int], dtype: str, speed: SpeedConfig
+) -> None:
+    """The engine holds `model`'s weights at `version`, checked against the trainer's own
+    recomputation of a probe sample (engines/vllm.py)."""
+
+    def recomputed(trajectory: Trajectory) -> Tensor:
+        device = next(model.parameters()).device
+        with torch.no_grad(), autocast(device, dtype):
+            return response_logprobs(
+                model,
+                trajectory.input_ids.to(device),
+                trajectory.attention_mask.to(device),
+                trajectory.response_start,
+                1.0,
+                speed=speed,
+            )[0]
+
+    engine.hold(model, version, probe, recomputed)
 
 
 def policy_pass(
@@ -166,7 +212,7 @@ def probe_scorers(
     have drawn without the probe."""
     device = next(roles.policy.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        with autocast(device, config.model.dtype):
+        with autocast(device, config.model.dtype), fsdp.gathered(roles.policy):  # model.fsdp: gathered once per call
             trajectory, _ = generate(
                 roles.policy,
                 prompt_ids[:PROBE_PROMPTS],
@@ -185,3 +231,22 @@ def probe_scorers(
         roles.rewards.score_trajectory(trajectory)
         if judge is not None:
             judge(trajectory)
+
+
+def start_engine(config: OnlineConfig, roles: RolloutRoles) -> VLLMEngine | None:
+    """The vLLM engine of rollout.engine=vllm, started from the policy's base weights; None for hf."""
+    if config.rollout.engine != "vllm":
+        return None
+    return VLLMEngine(config, roles.tokenizer, roles.eos_ids, base=resolve_model_path(config.model.name))
+
+
+def importance_weights(config: OnlineConfig, trajectory: Trajectory) -> tuple[Tensor | None, dict[str, float]]:
+    """rollout.is_correction's truncated importance weights (B, R) and what to log of them; (None, {}) off."""
+    if not config.rollout.is_correction:
+        return None, {}
+    weights = truncated_is_weights(trajectory.old_logprobs, trajectory.sample_logprobs, config.rollout.is_cap)
+    mask = trajectory.mask
+    return weights, {
+        "rollout/is_weight_mean": float(weights[mask].mean()),
+        "rollout/is_capped_frac": float((weights[mask] >= config.rollout.is_cap).float().mean()),
+    }

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from tether import console
 from tether.config import ConfigError
@@ -183,33 +184,6 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def refuse_unbuilt_engines(fsdp: bool, rollout_engine: str, device: torch.device) -> None:
-    """model.fsdp and rollout.engine=vllm: the reason each cannot run here, as a ConfigError."""
-    from tether.config import ConfigError
-
-    if fsdp:
-        if device.type != "cuda":
-            raise ConfigError(
-                f"model.fsdp=true shards the trained models with FSDP2 over the GPUs of a torchrun job, but this "
-                f"process runs on {device.type} (no CUDA GPU here). On CPUs use plain data parallelism "
-                "(torchrun --nproc_per_node N -m tether ..., no model.fsdp), or LoRA to make a large policy fit."
-            )
-        raise ConfigError(
-            "model.fsdp=true is not built in this version of tether: sharding has not been proven on a GPU "
-            "yet. Use plain data parallelism (torchrun without model.fsdp), LoRA, or model.dtype=bfloat16."
-        )
-    if rollout_engine == "vllm":
-        if device.type != "cuda":
-            raise ConfigError(
-                f"rollout.engine=vllm generates with vLLM, which needs a CUDA GPU, but this process runs on "
-                f"{device.type}. Use rollout.engine=hf (transformers generate with the KV cache)."
-            )
-        raise ConfigError(
-            "rollout.engine=vllm is not built in this version of tether: the weight sync and the check of "
-            "vLLM's log-probs against the trainer's have not been proven on a GPU yet. Use rollout.engine=hf."
-        )
-
-
 def shard(rows: Rows) -> Rows:
     """This process's contiguous share of `rows` (a list or a 1-D tensor). Shares differ in size
     by at most one; the shares of ranks 0..N-1, concatenated, are `rows` in order."""
@@ -231,11 +205,15 @@ def require_divisible(count: int, field: str) -> None:
 
 def sum_gradients(params: Sequence[Tensor], bucket_elements: int = 2**25) -> None:
     """Sum every parameter's gradient over the processes, in place (one all-reduce per bucket of
-    up to `bucket_elements` values of one dtype). A process that saw no rows contributes zeros."""
+    up to `bucket_elements` values of one dtype). A process that saw no rows contributes zeros.
+    A parameter sharded by model.fsdp (a DTensor) is skipped: FSDP's reduce-scatter has summed its
+    gradient into each process's shard already (engines/fsdp.py)."""
     if world().size == 1:
         return
     grads = []
     for p in params:
+        if isinstance(p, DTensor):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
@@ -274,6 +252,15 @@ def gather_objects(obj: T) -> list[T]:
     gathered: list[Any] = [None] * world().size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj: T) -> T:
+    """The main process's `obj` in every process (pickled)."""
+    if world().size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_trainable(model: torch.nn.Module) -> None:

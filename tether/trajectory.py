@@ -36,6 +36,9 @@ class Trajectory:
     # Read back: the texts reward functions and people see.
     prompts: tuple[str, ...] = ()  # (B,) the prompt each sequence answers
     responses: tuple[str, ...] = ()  # (B,) decoded, up to the first EOS
+    # What the sampler reported: the (B, R) log-probs it drew each token with (the gap to
+    # old_logprobs is the sampler's mismatch with the trainer: rollout/logprob_gap_*).
+    sample_logprobs: Tensor = field(default_factory=_empty)
     # The roles' passes, without grad, under the rollout temperature.
     old_logprobs: Tensor = field(default_factory=_empty)  # (B, R) the policy's at sampling time
     entropy: Tensor = field(default_factory=_empty)  # (B, R) the policy's entropy at each position
@@ -110,6 +113,7 @@ def concat_trajectories(parts: list[Trajectory], pad_id: int) -> Trajectory:
         prompt_index=torch.cat([t.prompt_index + offset for t, offset in zip(parts, offsets, strict=True)]),
         prompts=tuple(text for t in parts for text in t.prompts),
         responses=tuple(text for t in parts for text in t.responses),
+        sample_logprobs=tokens("sample_logprobs") if first.sample_logprobs.numel() else first.sample_logprobs,
         old_logprobs=tokens("old_logprobs") if first.old_logprobs.numel() else first.old_logprobs,
         entropy=tokens("entropy") if first.entropy.numel() else first.entropy,
         ref_logprobs=tokens("ref_logprobs") if first.ref_logprobs.numel() else first.ref_logprobs,

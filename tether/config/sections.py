@@ -67,8 +67,10 @@ class ModelConfig:
     trust_remote_code: bool = setting(False, "Passed to transformers when loading models and tokenizers.")
     fsdp: bool = setting(
         False,
-        "Shard the trained models with FSDP2 over the GPUs of a torchrun job. Not in this version: refused "
-        "with the reason (docs: scaling out); plain data parallelism needs no setting.",
+        "Shard the trained models (policy, value model) with FSDP2 over the processes of a torchrun job, per "
+        "decoder layer and at the root: each process holds 1/N of their weights, gradients and optimizer state. "
+        "model.dtype=bfloat16 becomes FSDP's mixed precision; step checkpoints are sharded (DCP), the final model "
+        "a plain Hugging Face folder (docs: scaling out). Plain data parallelism needs no setting.",
     )
 
 
@@ -80,6 +82,12 @@ class PolicyModelConfig(ModelConfig):
         None,
         "Reference model. null: the policy's own starting weights (for LoRA: the same weights with the "
         "adapter disabled, no second copy).",
+    )
+    fsdp_frozen: Literal["shard", "replicate"] = setting(
+        "shard",
+        "model.fsdp=true: the frozen models (the reference, the reward model) sharded like the trained ones "
+        "('shard': 1/N of their weights per process, gathered layer by layer in each pass) or whole in every "
+        "process ('replicate': no gathers, faster when they fit).",
     )
 
 
@@ -278,7 +286,8 @@ class RewardConfig:
     function_weight: float = setting(1.0, "Weight of the reward function's score in the total score.")
     gold: str | None = setting(
         None,
-        "A judge function logged as objective/gold_scores and never trained on (same format as function).",
+        "A judge logged as objective/gold_scores and never trained on: a function (same format as function) or "
+        "the http(s) URL of a reward service, asked with the reward.url_* settings.",
     )
     # A reward service (remote_reward.py): its settings, declared once there.
     url: str | None = redefault(RemoteRewardConfig, "url", None)
@@ -315,9 +324,20 @@ class RolloutConfig:
     )
     engine: Literal["hf", "vllm"] = setting(
         "hf",
-        "What samples: 'hf' is transformers generate with the KV cache. 'vllm' is not in this version: "
-        "refused with the reason (docs: scaling out).",
+        "What samples: 'hf' is transformers generate with the KV cache; 'vllm' a vLLM engine in the training "
+        "process, given the policy's weights after every update and checked (docs/vllm.md).",
     )
+    vllm_kv_cache_gb: float = setting(
+        1.0,
+        "rollout.engine=vllm: memory for its KV cache, in GiB (vLLM's own default takes 92% of the machine).",
+        positive,
+    )
+    is_correction: bool = setting(
+        False,
+        "Truncated importance sampling: weight each token's policy loss by min(pi_train / pi_sample, is_cap), "
+        "correcting for the gap between the sampler's and the trainer's log-probs (rollout/logprob_gap_*).",
+    )
+    is_cap: float = setting(2.0, "The cap C of rollout.is_correction's weights.", positive)
 
 
 @dataclass
@@ -598,14 +618,16 @@ class EvalConfig:
     judge: str = setting(
         "auto",
         "What decides a win against the baseline: 'reward' (the training score), 'gold' (reward.gold), a "
-        "function 'file.py:name' scoring responses, or 'auto' (gold when set, else reward).",
+        "function 'file.py:name' scoring responses, the http(s) URL of a reward service (asked with the "
+        "reward.url_* settings), or 'auto' (gold when set, else reward).",
     )
     tie_margin: float = setting(0.0, "Judge scores closer than this count as a tie.", non_negative)
 
     def check(self, prefix: str) -> None:
         if self.judge not in ("auto", "reward", "gold") and ":" not in self.judge:
             raise ConfigError(
-                f"{prefix}judge must be 'auto', 'reward', 'gold' or a function 'file.py:name', got {self.judge!r}"
+                f"{prefix}judge must be 'auto', 'reward', 'gold', a function 'file.py:name' or a reward service's "
+                f"http(s) URL, got {self.judge!r}"
             )
 
 
@@ -632,4 +654,10 @@ class AlarmsConfig:
     diversity_drop: float = setting(0.1, "... distinct-2 of the responses falls by this fraction.", non_negative)
     opening_share: float = setting(
         0.5, "Alarm when more than this share of a batch's responses share one opening.", non_negative
+    )
+    sampler_gap: float = setting(
+        0.02,
+        "Alarm when the sampler's log-probs differ from the trainer's by more than this, mean nats per token "
+        "(rollout/logprob_gap_mean; the engines agree to ~1e-5 in float32).",
+        positive,
     )

@@ -95,6 +95,11 @@ class RolloutStageConfig:
         micro = self.train.micro_batch_size
         if micro is not None and minibatch % micro:
             raise ConfigError(f"train.micro_batch_size={micro} must divide {section}.minibatch_size={minibatch}")
+        if self.rollout.is_correction and self.rollout.engine == "hf" and not self.speed.inverse_cdf_sampler:
+            raise ConfigError(
+                "rollout.is_correction weights each token by the sampler's own log-prob, which transformers' "
+                "multinomial sampling does not report: use rollout.engine=vllm, or speed.inverse_cdf_sampler=true"
+            )
 
     def missing(self) -> list[str]:
         """Settings that have no usable default and must be given."""

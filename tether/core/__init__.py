@@ -22,6 +22,7 @@ from tether.core.kl import (
     FixedKLController,
     kl_per_token,
     make_kl_controller,
+    truncated_is_weights,
 )
 from tether.core.logprobs import logprobs_and_entropy, logprobs_from_logits, sample_tokens
 from tether.core.losses import (
@@ -83,4 +84,5 @@ __all__ = [
     "sample_tokens",
     "sequence_log_ratio",
     "spread_over_tokens",
+    "truncated_is_weights",
 ]

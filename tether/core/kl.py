@@ -84,3 +84,19 @@ def make_kl_controller(kl_coef: float, kl_target: float | None, kl_horizon: floa
     if kl_target is None:
         return FixedKLController(kl_coef)
     return AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+
+
+def truncated_is_weights(train_logprobs: Tensor, sample_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_train_old / pi_sample, cap) per token, detached.
+
+    The tokens were drawn by a sampler (vLLM) whose distribution pi_sample differs slightly from the
+    trainer's pi_train_old at the same weights (other kernels, other precision). Weighting each
+    token's policy loss by the ratio corrects the policy gradient for that mismatch, and the cap
+    bounds the variance a rare large ratio would add (Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training": truncated importance sampling, TIS).
+    (B, T), (B, T) -> (B, T) float32; padding gives whatever it gives: mask the loss.
+    """
+    if not cap > 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    log_ratio = (train_logprobs.float() - sample_logprobs.float()).detach()
+    return torch.exp(log_ratio).clamp(max=cap)

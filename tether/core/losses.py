@@ -183,6 +183,7 @@ def clipped_policy_loss(
     aggregation: str = "token_mean",
     normaliser: Tensor | float | None = None,
     token_count: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate with DAPO's decoupled clip range and optional dual-clip, aggregated.
 
@@ -192,11 +193,14 @@ def clipped_policy_loss(
     minibatch's real tokens to every micro-batch (under token_mean either one is enough).
     Stats: policy/clipfrac (= _low + _high), policy/clipfrac_low, policy/clipfrac_high,
     policy/approxkl, policy/ratio_mean and, with dual_clip, policy/dualclip_frac; all token means.
+    token_weights: (B, T) detached factors of each token's loss (`truncated_is_weights`), or None.
     """
     normaliser, token_count = _normalisers(aggregation, normaliser, token_count)
     log_ratio = _log_ratio(logprobs, old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     per_token, flags = clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     loss = aggregate(per_token, mask, aggregation, normaliser)
     return loss, _policy_stats(ratio, log_ratio, flags, mask, token_count)
 
@@ -212,6 +216,7 @@ def gspo_policy_loss(
     aggregation: str = "seq_mean_token_mean",
     normaliser: Tensor | float | None = None,
     token_count: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group Sequence Policy Optimization (Zheng et al. 2025, "Group Sequence Policy Optimization",
     arXiv 2507.18071: the GSPO objective and its GSPO-token variant), as a per-token loss so that it
@@ -240,6 +245,8 @@ def gspo_policy_loss(
     ratio = torch.exp(seq_log_ratio + (log_ratio - log_ratio.detach()))  # (B, T)
     token_advantages = advantages.unsqueeze(1).expand(mask.shape) if advantages.dim() == 1 else advantages
     per_token, flags = clipped_surrogate(ratio, token_advantages, clip_low, clip_high, dual_clip)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     loss = aggregate(per_token, mask, aggregation, normaliser)
     return loss, _policy_stats(ratio.detach(), log_ratio, flags, mask, token_count)
 
@@ -251,6 +258,7 @@ def ppo_policy_loss(
     mask: Tensor,
     clip_coef: float,
     token_count: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
@@ -260,7 +268,14 @@ def ppo_policy_loss(
     range and token_mean aggregation). Stats: policy/clipfrac, policy/approxkl, policy/ratio_mean.
     """
     loss, stats = clipped_policy_loss(
-        logprobs, old_logprobs, advantages, mask, clip_coef, clip_coef, token_count=_count(mask, token_count)
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_coef,
+        clip_coef,
+        token_count=_count(mask, token_count),
+        token_weights=token_weights,
     )
     return loss, {key: stats[key] for key in ("policy/clipfrac", "policy/approxkl", "policy/ratio_mean")}
 

@@ -10,6 +10,7 @@ in the settings of the run's algorithm (`ppo.kl_coef` or `grpo.kl_coef`).
     entropy_collapse  recent entropy below a fraction of the run's starting entropy
     length_hacking    over the window: length up, score up, distinct-2 down (a reward exploit)
     repeated_opening  more than a share of the last batch's responses open the same way
+    sampler_gap       the sampler's log-probs differ from the trainer's (vLLM: a stale or mismatched engine)
 
 A metric a row lacks, or one that is not a finite number (NaN is written as null), is skipped:
 a missing metric means its alarm cannot fire, never an error. No torch import: this runs on the
@@ -25,7 +26,7 @@ from typing import Any
 
 from tether.config import AlarmsConfig
 
-ALARM_KEYS = ("kl_runaway", "entropy_collapse", "length_hacking", "repeated_opening")
+ALARM_KEYS = ("kl_runaway", "entropy_collapse", "length_hacking", "repeated_opening", "sampler_gap")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,26 @@ def repeated_opening(history: Sequence[Row], settings: AlarmsConfig) -> Alarm | 
     )
 
 
+def sampler_gap(history: Sequence[Row], settings: AlarmsConfig) -> Alarm | None:
+    if not history:
+        return None
+    gap = _finite_mean(history[-1:], "rollout/logprob_gap_mean")
+    if gap is None or not gap > settings.sampler_gap:
+        return None
+    return Alarm(
+        key="sampler_gap",
+        saw=(
+            f"The sampler's log-probs differ from the trainer's by {gap:.3g} nats per token on average in the last "
+            f"batch (threshold {settings.sampler_gap:g})."
+        ),
+        advice=(
+            "The rollouts come from another distribution than the one trained on: with rollout.engine=vllm, check "
+            "its dtype (model.dtype=float32 agrees to ~1e-5) and version; rollout.is_correction=true corrects the "
+            "policy gradient for a small gap."
+        ),
+    )
+
+
 def check_alarms(
     history: Sequence[Row], settings: AlarmsConfig, kl_target: float | None, algorithm: str = "ppo"
 ) -> list[Alarm]:
@@ -165,5 +186,6 @@ def check_alarms(
         entropy_collapse(history, settings, algorithm),
         length_hacking(history, settings, algorithm),
         repeated_opening(history, settings),
+        sampler_gap(history, settings),
     ]
     return [alarm for alarm in found if alarm is not None]

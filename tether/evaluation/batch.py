@@ -34,7 +34,24 @@ def batch_metrics(trajectory: Trajectory, sequence_kl: Tensor, timer: Timer, dev
     for name, values_of_source in trajectory.score_parts.items():
         key = "objective/gold_scores" if name == "gold" else f"objective/{name}_scores"
         metrics[key] = float(values_of_source.mean())
+    if trajectory.sample_logprobs.numel() and trajectory.old_logprobs.numel():
+        metrics.update(sampler_gap(trajectory.sample_logprobs, trajectory.old_logprobs, trajectory.mask))
     return metrics
+
+
+def sampler_gap(sampled: Tensor, trained: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's at the same weights, over the sampled
+    tokens: the mean and largest absolute gap, and the k3 estimate of KL(sampler || trainer) (the
+    tokens are the sampler's draws; k3 = r - 1 - log r with r = pi_train / pi_sample)."""
+    if not mask.any():
+        return {}
+    gap = (sampled.float() - trained.float())[mask]
+    log_ratio = -gap  # log pi_train - log pi_sample
+    return {
+        "rollout/logprob_gap_mean": float(gap.abs().mean()),
+        "rollout/logprob_gap_max": float(gap.abs().max()),
+        "rollout/sampler_kl": float((torch.expm1(log_ratio) - log_ratio).mean()),
+    }
 
 
 def batch_samples(trajectory: Trajectory, sequence_kl: Tensor) -> list[dict[str, Any]]:

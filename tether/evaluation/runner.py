@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tether.config import ConfigError, EvalConfig, OnlineConfig, SpeedConfig
+from tether.config import ConfigError, EvalConfig, OnlineConfig, RemoteRewardConfig, SpeedConfig
 from tether.core import kl_per_token
 from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
+from tether.engines.vllm import VLLMEngine
 from tether.evaluation.metrics import (
     distinct_n,
     self_similarity,
@@ -30,7 +31,7 @@ from tether.evaluation.metrics import (
     top_openings,
     win_rate,
 )
-from tether.loading.functions import load_function
+from tether.loading.functions import load_scorer
 from tether.loading.models import (
     ModelNotFoundError,
     eos_token_ids,
@@ -39,6 +40,7 @@ from tether.loading.models import (
     resolve_model_path,
 )
 from tether.loading.roles import load_rewards
+from tether.passes import hold_weights
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import RewardSources, call_function
@@ -66,9 +68,11 @@ class Evaluator:
         device: torch.device,
         dtype: str,
         speed: SpeedConfig,
+        engine: VLLMEngine | None = None,
     ) -> None:
         self.settings = settings
         self.speed = speed
+        self.engine = engine  # rollout.engine=vllm: the eval set is sampled where the rollouts are
         self.tokenizer = tokenizer
         self.reference = reference
         self.rewards = rewards
@@ -79,28 +83,33 @@ class Evaluator:
         self.dtype = dtype
         self.eos_ids = eos_ids
         self.judge_name = _judge_name(settings.judge, rewards)
-        self.judge_function = load_function(self.judge_name) if ":" in self.judge_name else None
+        service = RemoteRewardConfig.from_section(rewards.config)  # a judge URL is asked as reward.url is
+        self.judge_function = load_scorer(self.judge_name, service) if ":" in self.judge_name else None
 
     @torch.no_grad()
     def evaluate(self, model: Any, name: str) -> dict[str, Any]:
         """Generate, score and measure one model. returns a JSON-ready result with per-prompt samples."""
         started = time.perf_counter()
         temperature = self.settings.temperature
-        # A private RNG stream: the same outputs for the same seed, and the caller's (training) RNG
-        # is left exactly where it was, so evaluating inside a run does not change the run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.settings.seed)
-            with autocast(self.device, self.dtype):
-                rollout, _ = generate(
-                    model,
-                    self.prompt_ids,
-                    1,
-                    self.max_new_tokens,
-                    temperature,
-                    int(self.tokenizer.pad_token_id),
-                    self.eos_ids,
-                    speed=self.speed,
-                )
+        if self.engine is not None:  # seeded by eval.seed: every model draws the same numbers there too
+            hold_weights(self.engine, model, name, self.prompt_ids[0], self.dtype, self.speed)
+            rollout, _ = self.engine.generate(self.prompt_ids, 1, self.max_new_tokens, temperature, self.settings.seed)
+        else:
+            # A private RNG stream: the same outputs for the same seed, and the caller's (training) RNG
+            # is left exactly where it was, so evaluating inside a run does not change the run.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.settings.seed)
+                with autocast(self.device, self.dtype):
+                    rollout, _ = generate(
+                        model,
+                        self.prompt_ids,
+                        1,
+                        self.max_new_tokens,
+                        temperature,
+                        int(self.tokenizer.pad_token_id),
+                        self.eos_ids,
+                        speed=self.speed,
+                    )
         prompt_texts = [p.text for p in self.prompts]
         rollout = dataclasses.replace(
             rollout, prompts=tuple(prompt_texts), responses=decode_responses(self.tokenizer, rollout, self.eos_ids)
@@ -265,6 +274,7 @@ def evaluator_for(
     rewards: RewardSources,
     eos_ids: list[int],
     device: torch.device,
+    engine: VLLMEngine | None = None,
 ) -> Evaluator:
     """An evaluator over the config's eval prompts, judging with roles the caller already holds."""
     prompts = load_prompts(config.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: config.eval.num_prompts]
@@ -280,6 +290,7 @@ def evaluator_for(
         device,
         config.model.dtype,
         config.speed,
+        engine,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from tether import console as term
 from tether.config import OnlineConfig
+from tether.engines.vllm import VLLMEngine
 from tether.evaluation.alarms import check_alarms
 from tether.evaluation.runner import START, Evaluator, add_win_rates, eval_document, eval_metrics, evaluator_for
 from tether.files import atomic_write_text
@@ -28,12 +29,21 @@ class Watcher:
 
     @classmethod
     def for_run(
-        cls, config: OnlineConfig, run_dir: Path, roles: RolloutRoles, device: torch.device, kl_target: float | None
+        cls,
+        config: OnlineConfig,
+        run_dir: Path,
+        roles: RolloutRoles,
+        device: torch.device,
+        kl_target: float | None,
+        engine: VLLMEngine | None = None,
     ) -> Watcher:
-        """The watcher of a stage's run; eval.num_prompts=0 turns the eval set off."""
+        """The watcher of a stage's run; eval.num_prompts=0 turns the eval set off. With a vLLM
+        engine the eval set is sampled there too, so the start and the policy share a sampler."""
         evaluator = None
         if config.eval.num_prompts > 0:
-            evaluator = evaluator_for(config, roles.tokenizer, roles.reference, roles.rewards, roles.eos_ids, device)
+            evaluator = evaluator_for(
+                config, roles.tokenizer, roles.reference, roles.rewards, roles.eos_ids, device, engine
+            )
         return cls(config, run_dir, evaluator, roles.reference, kl_target)
 
     def __init__(

@@ -1,17 +1,22 @@
 """Loading user code that tether calls: reward functions, gold judges and eval judges.
 
 A function is named "path/to/file.py:name" (a file, imported under a private module name) or
-"package.module:name" (an importable module).
+"package.module:name" (an importable module). A gold or eval judge may also be the URL of a reward
+service (`load_scorer`), asked as reward.url is (docs/remote-rewards.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
+from tether.config import RemoteRewardConfig
 from tether.errors import RewardError
+from tether.remote_reward import RemoteReward
 from tether.roles.reward import RewardFunction
 
 
@@ -42,3 +47,21 @@ def load_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise RewardError(f"{source!r} has no callable named {name!r} (from reward function {spec!r})")
     return function
+
+
+def is_service_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def load_scorer(spec: str, service: RemoteRewardConfig) -> RewardFunction:
+    """reward.gold or eval.judge: a function (`load_function`), or the http(s) URL of a reward
+    service, asked with the reward.url_* settings (timeout, retries, batch size, concurrency,
+    headers) and checked as reward.url's answers are."""
+    if not is_service_url(spec):
+        return load_function(spec)
+    remote = RemoteReward(dataclasses.replace(service, url=spec))
+
+    def scored(prompts: list[str], responses: list[str], finished: Any = None, **kwargs: Any) -> Any:
+        return remote.score(prompts, responses, finished, **kwargs)
+
+    return scored

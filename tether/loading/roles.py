@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.config import OnlineConfig, PPOConfig, SpeedConfig
-from tether.loading.functions import load_function
+from tether.engines import fsdp
+from tether.loading.functions import load_function, load_scorer
 from tether.loading.models import eos_token_ids, load_causal_lm, load_scalar_model, load_tokenizer, load_trainable
 from tether.remote_reward import RemoteReward, RemoteRewardConfig
 from tether.roles.reference import Reference
@@ -61,15 +62,19 @@ def load_rollout_roles(config: OnlineConfig, checkpoint: Path | None, device: to
     cfg = config.model
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.name, trust)
+    if cfg.fsdp:  # a sharded checkpoint holds no model folder: its weights are restored with the optimizer
+        checkpoint = None
     policy = load_trainable("causal", cfg.name, cfg.lora, tokenizer, checkpoint, trust).to(device)
     broadcast_trainable(policy)
     say_refusals(config.speed, policy, "the policy")
     reference: Reference | None = None
+    ref_model: Any = None
     if cfg.lora is not None and cfg.ref_model is None:
         reference = Reference(lora_policy=policy)  # costs nothing: the same weights, adapter off
     elif getattr(getattr(config, "grpo", None), "kl_in", "loss") != "none":  # kl_in=none: no KL, no reference
-        ref_model: Any = load_causal_lm(cfg.ref_model or cfg.name, tokenizer, trust)
-        reference = Reference(model=ref_model.to(device))
+        ref_model = load_causal_lm(cfg.ref_model or cfg.name, tokenizer, trust)
+        ref_model = ref_model.to(device)
+        reference = Reference(model=ref_model)
     rewards = load_rewards(config, tokenizer, device)
     roles = RolloutRoles(tokenizer, policy, reference, rewards, eos_token_ids(tokenizer, policy))
     if isinstance(config, PPOConfig):
@@ -83,7 +88,25 @@ def load_rollout_roles(config: OnlineConfig, checkpoint: Path | None, device: to
                 # plus an adapter: the reward model scores through it with the adapter off.
                 rewards.model = roles.value_model
                 rewards.adapted_reward_model = True
+    if cfg.fsdp:
+        shard_roles(roles, config, ref_model)
     return roles
+
+
+def shard_roles(roles: RolloutRoles, config: OnlineConfig, ref_model: Any) -> None:
+    """model.fsdp: the trained models sharded (the policy, the value model; a value head stays whole
+    in every process), the frozen ones (the reference's own model, the reward model) as
+    model.fsdp_frozen says. After every load and broadcast, so each process shards the same weights."""
+    cfg = config.model
+    roles.policy = fsdp.shard(roles.policy, "policy", dtype=cfg.dtype)
+    if roles.value_model is not None:
+        roles.value_model = fsdp.shard(roles.value_model, "value", dtype=cfg.dtype)
+    if roles.value_head is not None:
+        fsdp.register_trained("value", roles.value_head)
+    if ref_model is not None:  # a LoRA policy's reference is the policy itself
+        fsdp.hold_frozen(ref_model, "reference", cfg.fsdp_frozen, cfg.dtype)
+    if roles.rewards.model is not None and not roles.rewards.adapted_reward_model:
+        fsdp.hold_frozen(roles.rewards.model, "reward", cfg.fsdp_frozen, cfg.dtype)
 
 
 def value_source(config: PPOConfig) -> str:
@@ -142,7 +165,7 @@ def load_rewards(config: OnlineConfig, tokenizer: PreTrainedTokenizerBase, devic
         model_tokenizer=model_tokenizer,
         function=load_function(reward.function) if reward.function else None,
         remote=RemoteReward(RemoteRewardConfig.from_section(reward)) if reward.url else None,
-        gold=load_function(reward.gold) if reward.gold else None,
+        gold=load_scorer(reward.gold, RemoteRewardConfig.from_section(reward)) if reward.gold else None,
         pass_rows=config.sizes().pass_rows,
         missing_eos_penalty=config.rollout.missing_eos_penalty,
         dtype=config.model.dtype,

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.config import RewardConfig, SpeedConfig
 from tether.core.advantages import last_true_index
-from tether.errors import RewardError
+from tether.errors import RewardError, TetherError
 from tether.remote_reward import RemoteReward
 from tether.roles.forward import in_chunks
 from tether.roles.value import backbone_hidden, scalar_head
@@ -40,6 +40,8 @@ def call_function(
     kwargs = {k: v for k, v in kwargs.items() if takes_any or k in accepted}
     try:
         values = list(function(prompts, responses, **kwargs))
+    except TetherError:
+        raise  # a reward service's own error (load_scorer) names its URL and sample already
     except (Exception, SystemExit, KeyboardInterrupt) as err:
         # User code ends nothing: sys.exit() or a KeyboardInterrupt raised inside it is its failure,
         # never the run's clean end.

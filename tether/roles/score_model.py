@@ -101,7 +101,7 @@ def load_score_model(path: str | Path, trust_remote_code: bool = False) -> Tethe
 
 def score_model_from_causal_lm(causal_lm: PreTrainedModel) -> TetherScoreModel:
     """The body of a loaded causal LM under a new (zero) one-output head; the LM head is dropped."""
-    body = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.base_model
+    body: Any = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.base_model
     model = TetherScoreModel(causal_lm.config, body)
     with torch.no_grad():
         model.score.weight.zero_()

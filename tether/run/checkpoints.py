@@ -8,6 +8,11 @@ state, which is all an exact resume needs (docs/concepts/details.md item 16). It
 `checkpoint.json`, is written last: every file with its size and SHA-256. A checkpoint is complete
 when its files have the sizes it lists, and resumable when their checksums agree too; a damaged one
 is reported and passed over for the one before it.
+
+Under model.fsdp a step checkpoint holds no model folder: the trained models and the optimizer state
+are in `sharded/`, written by torch.distributed.checkpoint (each process its own shards, `.metadata`
+by the main one), resharded on load for any process count; trainer_state.pt holds the rest. The final
+model is a plain folder either way, written from an unsharded copy (engines/fsdp.py `plain_copy`).
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import json
 import logging
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from tether import console as term
+from tether.engines import fsdp
 from tether.errors import TetherError
 from tether.files import atomic_dir, sha256_of
 from tether.loading.models import save_model
-from tether.runtime import barrier, is_main, restore_rng_states, rng_states_of_all_ranks
+from tether.runtime import barrier, broadcast_object, is_main, restore_rng_states, rng_states_of_all_ranks
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -153,6 +160,9 @@ def write_checkpoint(
     final = parts is None
     target = checkpoints / (FINAL if final else step_dir_name(step))
     rng = None if final else rng_states_of_all_ranks()
+    if parts is not None and fsdp.active():
+        _write_sharded_checkpoint(checkpoints, target, step, parts, rng, keep_last)
+        return target
     if is_main():
         with atomic_dir(target) as tmp:
             for subfolder, (model, base_name) in models.items():
@@ -167,13 +177,47 @@ def write_checkpoint(
     return target
 
 
+def _optimizers(parts: dict[str, Stateful]) -> dict[str, torch.optim.Optimizer]:
+    return {key: part for key, part in parts.items() if isinstance(part, torch.optim.Optimizer)}
+
+
+def _write_sharded_checkpoint(
+    checkpoints: Path, target: Path, step: int, parts: dict[str, Stateful], rng: Any, keep_last: int
+) -> None:
+    """model.fsdp: the step checkpoint with the trained models and the optimizer in sharded/ (DCP:
+    every process writes its own shards) and the other parts, the random states and the step in
+    trainer_state.pt; atomic and with its manifest like any other."""
+    optimizers = _optimizers(parts)
+    with atomic_dir(target) if is_main() else nullcontext(None) as made:
+        tmp = Path(str(broadcast_object(str(made) if made is not None else None)))  # the main process's folder
+        # Every process writes its shards; this returns when all are written.
+        fsdp.save_sharded(tmp / fsdp.SHARDED_DIR, [optimizers[key] for key in sorted(optimizers)])
+        if is_main():
+            state = {key: part.state_dict() for key, part in parts.items() if key not in optimizers}
+            save_trainer_state(tmp, {**state, "step": step, "rng": rng, "sharded": sorted(optimizers)})
+            write_manifest(tmp, step)
+    if is_main():
+        prune_step_checkpoints(checkpoints, keep_last)
+    barrier()
+
+
 def restore_trainer_state(folder: Path, parts: dict[str, Stateful], seed: int) -> int:
     """Load each stateful part from a checkpoint's trainer state, then the random generators;
     returns the checkpoint's step. The parts are the same in every process, so a checkpoint
     written by N processes resumes on M."""
     state = load_trainer_state(folder)
+    sharded = state.get("sharded")  # model.fsdp: the models and optimizers are in sharded/ (DCP)
+    if (sharded is not None) != fsdp.active():
+        raise CheckpointError(
+            f"{folder} was written {'with' if sharded is not None else 'without'} model.fsdp and this run "
+            f"{'has' if fsdp.active() else 'has not'} it: a checkpoint resumes with the setting it was written with"
+        )
+    if sharded is not None:
+        optimizers = _optimizers(parts)
+        fsdp.load_sharded(folder / fsdp.SHARDED_DIR, [optimizers[key] for key in sharded])
     for key, part in parts.items():
-        part.load_state_dict(state[key])
+        if sharded is None or key not in sharded:
+            part.load_state_dict(state[key])
     step = int(state["step"])
     restore_rng_states(state["rng"], seed, step)  # last: loading models draws random numbers
     term.console.print(f"resuming from {folder} (step {step})", soft_wrap=True)

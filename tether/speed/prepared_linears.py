@@ -61,7 +61,7 @@ def _sampling_forwards(
     covered: set[int] = set()  # modules a replaced LoRA layer no longer calls
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            weights = _folded_lora_weights(module)
+            weights = folded_lora_weights(module)
             if weights is not None:
                 covered.update(id(m) for m in module.modules())
                 yield module, make(*weights)
@@ -72,7 +72,7 @@ def _sampling_forwards(
             yield module, prepare(module.weight, module.bias)
 
 
-def _folded_lora_weights(layer: LoraLayer) -> tuple[Tensor, Tensor | None] | None:
+def folded_lora_weights(layer: LoraLayer) -> tuple[Tensor, Tensor | None] | None:
     """(W + dW of the active adapters, bias) of a LoRA linear layer, as its forward would use them
     without dropout; None for a layer this does not know how to fold (a LoRA variant such as DoRA,
     a non-linear or transposed base layer), which then runs as it is."""

@@ -172,7 +172,7 @@ def prefix_pass(model: Any, split: PrefixSplit, batch_size: int, **kwargs: Any) 
 
 
 @functools.cache
-def _forward_takes_cache(model_class: type) -> bool:
+def _forward_takes_cache(model_class: Any) -> bool:
     return "cache" in inspect.signature(model_class.forward).parameters
 
 
@@ -181,7 +181,8 @@ def cache_keyword(model: Any) -> str:
     transformers 5.24 on (where 'past_key_values' is deprecated, to be removed in 5.40),
     'past_key_values' before."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if _forward_takes_cache(type(inner)) else "past_key_values"
+    model_class: Any = type(inner)
+    return "cache" if _forward_takes_cache(model_class) else "past_key_values"
 
 
 def expand_to_columns(prefix_states: Tensor, rest_states: Tensor, split: PrefixSplit) -> Tensor:

@@ -53,11 +53,14 @@ from tether.loading.roles import load_rollout_roles
 from tether.optim import UpdateGuard, describe_update, make_optimizer, minibatches, take_step
 from tether.passes import (
     OldPass,
+    hold_weights,
+    importance_weights,
     policy_pass,
     probe_scorers,
     reference_pass,
     sample_batch,
     score_batch,
+    start_engine,
     update_logprobs,
 )
 from tether.run.checkpoints import Stateful
@@ -92,7 +95,8 @@ class GRPOTrainer:
         self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
         self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
-        self.watcher = Watcher.for_run(cfg, self.run.run_dir, self.roles, self.device, kl_target=None)
+        self.engine = start_engine(cfg, self.roles)  # rollout.engine=vllm; None for transformers' generate
+        self.watcher = Watcher.for_run(cfg, self.run.run_dir, self.roles, self.device, None, self.engine)
 
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(
@@ -125,6 +129,9 @@ class GRPOTrainer:
 
         # 1.-2. A batch of prompts (this process's share) and a group of responses to each; with
         # dynamic sampling, only groups whose scores differ, sampled until the batch is full.
+        if self.engine is not None:  # a vLLM engine first gets the weights of the last update, checked
+            with timer("sync"):
+                hold_weights(self.engine, self.policy, self.run.step, self.prompt_ids[0], cfg.model.dtype, cfg.speed)
         with timer("rollout"):
             trajectory = self.sample(shard(self.sampler.next_batch()))
         sampling: dict[str, float] = {}
@@ -179,10 +186,12 @@ class GRPOTrainer:
         else:
             advantages = reinforce_pp_baseline_advantages(scores, group, mask, reward_kl, grpo.kl_coef)
 
-        # 7. Epochs over minibatches.
+        # 7. Epochs over minibatches (each token's loss weighted for the sampler's gap with
+        # rollout.is_correction).
+        is_weights, is_stats = importance_weights(cfg, trajectory)
         lr = self.scheduler.get_last_lr()[0]
         with timer("train"):
-            update_stats = self.update(trajectory, advantages, old_pass)
+            update_stats = self.update(trajectory, advantages, old_pass, is_weights)
 
         metrics = {
             **batch_metrics(trajectory, sequence_kl, timer, self.device),
@@ -191,6 +200,7 @@ class GRPOTrainer:
             **(group_stats(scores, group) if cfg.rollout.samples_per_prompt > 1 else {}),
             **sampling,
             **update_stats,
+            **is_stats,
             "lr": lr,
             "train/skipped_updates": float(self.guard.skipped_updates),
         }
@@ -199,9 +209,8 @@ class GRPOTrainer:
         return metrics, batch_samples(trajectory, sequence_kl)
 
     def sample(self, batch: list[int]) -> Trajectory:
-        return sample_batch(
-            self.roles, self.config, [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
-        )
+        texts, ids = [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
+        return sample_batch(self.roles, self.config, texts, ids, self.engine)
 
     def keep_informative_groups(self, trajectory: Trajectory, timer: Timer) -> tuple[Trajectory, dict[str, float]]:
         """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): score the groups, keep those whose
@@ -235,7 +244,9 @@ class GRPOTrainer:
         stats["grpo/kept_groups"] = float(len(labels))
         return select_rows(kept, shard(torch.arange(len(kept)))), stats
 
-    def update(self, trajectory: Trajectory, advantages: Tensor, old_pass: OldPass | None) -> dict[str, float]:
+    def update(
+        self, trajectory: Trajectory, advantages: Tensor, old_pass: OldPass | None, is_weights: Tensor | None = None
+    ) -> dict[str, float]:
         """grpo.epochs of shuffled minibatches; every minibatch is one optimizer step, its loss
         aggregated over the whole minibatch (grpo.loss_aggregation) however it is split into
         micro-batches. The first step backpropagates through the old log-probs' pass when it kept
@@ -268,6 +279,7 @@ class GRPOTrainer:
                     grpo.loss_aggregation,
                     normaliser,
                     token_count,
+                    is_weights[rows] if is_weights is not None else None,
                 )
                 stats["loss/policy"] += float(loss.detach())
                 if kl_in_loss:

@@ -17,6 +17,8 @@ resume, evaluation every train.eval_every steps, stopping) is the one loop of ev
 Under torchrun every process draws the same batch and takes its share of it (runtime.shard); the
 loss is still divided by the whole batch's count and the gradients are summed over the processes,
 so each step is the one a single process would take. Only the main process evaluates and writes.
+With model.fsdp the model is sharded over the processes (engines/fsdp.py) and the final model is
+written from its plain copy.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tether import console as term
 from tether.config import OfflineConfig
 from tether.console import StatusKeys
 from tether.data import DataError, PromptSampler, encode_prompt, encode_response, uses_chat_template
+from tether.engines import fsdp
 from tether.files import atomic_write_text
 from tether.loading.models import ModelKind, eos_token_ids, load_tokenizer, load_trainable
 from tether.optim import UpdateGuard, make_optimizer, take_step
@@ -144,16 +147,19 @@ class OfflineTrainer:
         self.train_examples = self._encoded(config.data.train, "train")
         self.eval_examples = self._encoded(config.data.eval, "eval")
 
+        fsdp_on = config.model.fsdp  # a sharded checkpoint's weights are restored with the optimizer (run.start)
         self.model = load_trainable(
             task.kind,
             config.model.name,
             config.model.lora,
             self.tokenizer,
-            checkpoint=self.run.resume_from,
+            checkpoint=None if fsdp_on else self.run.resume_from,
             trust_remote_code=config.model.trust_remote_code,
             new_head="reward",  # a reward model's new head starts random (docs/concepts/details.md item 7)
         ).to(self.device)
         broadcast_trainable(self.model)  # the random head (or LoRA) of rank 0 in every process
+        if fsdp_on:
+            self.model = fsdp.shard(self.model, "model", dtype=config.model.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.total_steps = config.total_steps(len(self.train_examples))
         self.eval_every = cfg.eval_every
@@ -245,10 +251,14 @@ class OfflineTrainer:
         metrics: dict[str, float] = {}
         extra: dict[str, Any] = {}
         if is_main():
-            metrics = self.evaluate()
-            model, extra = self.task.finish(self.model, self.eval_examples, self.config.micro_batch)
-        self.model = model
-        final = self.run.save_checkpoint(self, final=True)
+            metrics = self.evaluate()  # model.fsdp: the loop holds the sharded model gathered meanwhile
+        if fsdp.is_sharded(self.model):
+            model = fsdp.plain_copy(self.model)  # every process; the main one gets the plain model on its CPU
+        if is_main():
+            model, extra = self.task.finish(model, self.eval_examples, self.config.micro_batch)
+        if not fsdp.is_sharded(self.model):
+            self.model = model
+        final = self.run.save_checkpoint(self, final=True, models={"": (model, self.config.model.name)})
         if is_main():
             document = {
                 "stage": self.task.name,

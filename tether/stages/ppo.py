@@ -51,11 +51,14 @@ from tether.loading.roles import load_rollout_roles, value_source
 from tether.optim import UpdateGuard, describe_update, make_optimizer, minibatches, take_step
 from tether.passes import (
     OldPass,
+    hold_weights,
+    importance_weights,
     policy_pass,
     probe_scorers,
     reference_pass,
     sample_batch,
     score_batch,
+    start_engine,
     update_logprobs,
     update_values,
     value_pass,
@@ -97,7 +100,8 @@ class PPOTrainer:
         self.prompts = load_prompts(cfg.data.prompts or shipped_data(SHIPPED_PROMPTS))
         self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.data)
         self.sampler = PromptSampler(len(self.prompts), cfg.train.batch_size, cfg.train.seed)
-        self.watcher = Watcher.for_run(cfg, self.run.run_dir, self.roles, self.device, cfg.ppo.kl_target)
+        self.engine = start_engine(cfg, self.roles)  # rollout.engine=vllm; None for transformers' generate
+        self.watcher = Watcher.for_run(cfg, self.run.run_dir, self.roles, self.device, cfg.ppo.kl_target, self.engine)
 
         # Optimisation: one AdamW, a parameter group per trained model (each clipped on its own).
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -143,11 +147,14 @@ class PPOTrainer:
         # 1. A batch of prompts (this process's share).
         batch = shard(self.sampler.next_batch())
 
-        # 2. Sample responses, each truncated after its first EOS.
+        # 2. Sample responses, each truncated after its first EOS (a vLLM engine first gets the
+        # weights of the last update, checked).
+        if self.engine is not None:
+            with timer("sync"):
+                hold_weights(self.engine, self.policy, self.run.step, self.prompt_ids[0], cfg.model.dtype, cfg.speed)
         with timer("rollout"):
-            trajectory = sample_batch(
-                roles, cfg, [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
-            )
+            texts, ids = [self.prompts[i].text for i in batch], [self.prompt_ids[i] for i in batch]
+            trajectory = sample_batch(roles, cfg, texts, ids, self.engine)
 
         # 3. Old log-probs and entropy (a value head's values from the same pass), reference
         # log-probs, a value model's values; without grad, except the policy's when the first
@@ -183,10 +190,12 @@ class PPOTrainer:
         if cfg.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        # 7. PPO epochs over minibatches.
+        # 7. PPO epochs over minibatches (each token's loss weighted for the sampler's gap with
+        # rollout.is_correction).
+        is_weights, is_stats = importance_weights(cfg, trajectory)
         lr = self.scheduler.get_last_lr()[0]
         with timer("train"):
-            update_stats = self.update(trajectory, advantages, returns, old_pass)
+            update_stats = self.update(trajectory, advantages, returns, old_pass, is_weights)
 
         # 8. Adapt the KL coefficient to the per-sequence KL this batch showed.
         sequence_kl = kl.sum(dim=1)  # (B,)
@@ -197,6 +206,7 @@ class PPOTrainer:
             "objective/kl_coef": kl_coef,
             "objective/rlhf_reward": float((trajectory.scores - kl_coef * sequence_kl).mean()),
             **update_stats,
+            **is_stats,
             "val/explained_variance": float(explained_variance(values, returns, mask)),
             "val/mean": float(masked_mean(values, mask)),
             "lr": lr,
@@ -205,7 +215,12 @@ class PPOTrainer:
         return metrics, batch_samples(trajectory, sequence_kl)
 
     def update(
-        self, trajectory: Trajectory, advantages: Tensor, returns: Tensor, old_pass: OldPass | None
+        self,
+        trajectory: Trajectory,
+        advantages: Tensor,
+        returns: Tensor,
+        old_pass: OldPass | None,
+        is_weights: Tensor | None = None,
     ) -> dict[str, float]:
         """PPO epochs of shuffled minibatches; every minibatch is one optimizer step.
 
@@ -235,6 +250,7 @@ class PPOTrainer:
                     mask[rows],
                     cfg.ppo.clip_coef,
                     token_count,
+                    token_weights=is_weights[rows] if is_weights is not None else None,
                 )
                 # Policy and critic have no parameter in common (a value head reads detached
                 # features), so each loss is backpropagated on its own: the gradients are those
