@@ -251,29 +251,10 @@ def worker(job_file: Path) -> None:
 
 
 def word_tokenizer(vocab_size: int) -> Any:
-    """tests/tiny_models.py's word-level tokenizer, its vocabulary filled up to the model's with words
-    w0, w1, ...: every id the model samples decodes to a word (an id past a tokenizer's vocabulary
-    decodes to nothing), so responses have text to score. Its chat template and special tokens are
-    the tests'."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """tests/tiny_models.py's word-level tokenizer with its vocabulary filled up to the model's."""
+    from tests.tiny_models import make_tokenizer
 
-    from tests.tiny_models import CHAT_TEMPLATE, SPECIAL, WORDS
-
-    words = SPECIAL + WORDS
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return make_tokenizer(vocab_size=vocab_size)
 
 
 def build(folder: Path, shape_name: str, device: str) -> None:

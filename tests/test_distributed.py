@@ -82,14 +82,19 @@ def assert_same_metrics(a: Path, b: Path, rows: int) -> None:
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), (row_a["step"], key)
 
 
+def write_task_files(folder: Path) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
+    """What every stage's runs read, in `folder`: reward.py, prompts.jsonl, preference pairs and SFT
+    examples. Returns ((preferences train, held out), (sft train, held out))."""
+    (folder / "reward.py").write_text(REWARD_FILE)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return write_preferences(folder / "prefs", train=24, held_out=8), write_sft_data(folder / "sft")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     """Every stage in one process and in two (gloo), plus the cross-count resumes; returns the folder."""
     folder = tmp_path_factory.mktemp("distributed")
-    (folder / "reward.py").write_text(REWARD_FILE)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    prefs = write_preferences(folder / "prefs", train=24, held_out=8)
-    sft = write_sft_data(folder / "sft")
+    prefs, sft = write_task_files(folder)
     common = [f"model.name={tiny_llama}", "train.lr_schedule=constant", "train.micro_batch_size=1"]
     online = [
         *common,

@@ -20,10 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_distributed import NONDETERMINISTIC, final_weights, launch
-from tests.test_ppo import PROMPTS, REWARD_FILE
-from tests.test_rm import write_preferences
-from tests.test_sft import write_sft_data
+from tests.test_distributed import NONDETERMINISTIC, final_weights, launch, write_task_files
 from tether.roles.reward import NORMALIZATION_KEY
 from tether.run.log import read_jsonl
 
@@ -35,10 +32,7 @@ BF16 = ["sft-bf16", "ppo-bf16", "grpo-bf16"]
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     """Plain runs in one process (one/), sharded runs in two (two/) and the resumes across counts."""
     folder = tmp_path_factory.mktemp("fsdp")
-    (folder / "reward.py").write_text(REWARD_FILE)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    prefs = write_preferences(folder / "prefs", train=24, held_out=8)
-    sft = write_sft_data(folder / "sft")
+    prefs, sft = write_task_files(folder)
     # model.fsdp turns speed.shared_prefix off (one forward pass or two, per process's rows): the
     # plain runs do the same, so both run the same passes.
     common = [f"model.name={tiny_llama}", "train.lr_schedule=constant", "speed.shared_prefix=false", "train.lr=1e-3"]

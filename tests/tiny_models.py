@@ -58,8 +58,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+def make_tokenizer(chat_template: bool = True, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of the tiny models. vocab_size: the vocabulary filled up to it with
+    words w0, w1, ..., so that every id a larger model samples decodes to a word (an id past a
+    tokenizer's vocabulary decodes to nothing) and responses have text to score."""
+    words = SPECIAL + WORDS
+    words += [f"w{i}" for i in range((vocab_size or 0) - len(words))]
+    vocab = {token: i for i, token in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
