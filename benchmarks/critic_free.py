@@ -48,19 +48,31 @@ RECIPES: dict[str, tuple[str, list[str]]] = {  # name -> (stage, overrides)
 def run_one(name: str, seed: int, steps: int, work: Path) -> dict:
     stage, overrides = RECIPES[name]
     run = work / f"{name.split()[0].lower().replace('.', '')}-{seed}"
+    data = [
+        f"data.prompts={ROOT / 'tether/assets/arithmetic_train.jsonl'}",
+        f"data.eval={ROOT / 'tether/assets/arithmetic_eval.jsonl'}",
+    ]
+    summary, _, _ = train_and_read(stage, config_for(stage, work), seed, steps, [*data, *overrides], run)
+    return {"recipe": name, **summary}
+
+
+def train_and_read(
+    stage: str, config: Path, seed: int, steps: int, overrides: list[str], run: Path
+) -> tuple[dict, list[dict], dict]:
+    """One `tether STAGE` run of `steps` iterations (no checkpoints but the final one, no samples):
+    what the tables report of it (held-out accuracy before and after, the KL to the start, seconds
+    per iteration, the share of zero-signal groups), its metrics rows and its eval results."""
     words = [
         sys.executable,
         "-m",
         "tether",
         stage,
         "--config",
-        str(config_for(stage, work)),
+        str(config),
         f"train.steps={steps}",
         f"train.seed={seed}",
         "train.save_every=0",
         "train.sample_every=0",
-        f"data.prompts={ROOT / 'tether/assets/arithmetic_train.jsonl'}",
-        f"data.eval={ROOT / 'tether/assets/arithmetic_eval.jsonl'}",
         *overrides,
         "--output",
         str(run),
@@ -69,12 +81,11 @@ def run_one(name: str, seed: int, steps: int, work: Path) -> dict:
     started = time.time()
     done = subprocess.run(words, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
-        raise SystemExit(f"{name} seed {seed}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{run.name}: exit {done.returncode}\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     document = json.loads((run / "eval" / "eval.json").read_text())["results"]
     tail = rows[len(rows) // 2 :]
-    return {
-        "recipe": name,
+    summary = {
         "seed": seed,
         "steps": steps,
         "accuracy_start": document["start"]["judge"]["mean"],
@@ -85,9 +96,10 @@ def run_one(name: str, seed: int, steps: int, work: Path) -> dict:
         if stage == "grpo"
         else None,
         "sampling_rounds": statistics.mean(r.get("grpo/sampling_rounds", 1.0) for r in rows),
-        "train_accuracy_last_half": statistics.mean(r["objective/function_scores"] for r in tail),
+        "train_accuracy_last_half": statistics.mean(r["objective/scores"] for r in tail),
         "wall_s": round(time.time() - started, 1),
     }
+    return summary, rows, document
 
 
 def table(results: list[dict]) -> str:

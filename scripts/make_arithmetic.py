@@ -1,7 +1,8 @@
-"""Write the arithmetic task that ships with tether: tether/assets/arithmetic_train.jsonl and arithmetic_eval.jsonl.
+"""Write the arithmetic task that ships with tether: tether/assets/arithmetic_train.jsonl and arithmetic_eval.jsonl,
+and the same questions for the calculator environment (tether/environments.py), arithmetic_tool_{train,eval}.jsonl.
 
-    python scripts/make_arithmetic.py            # writes tether/assets/arithmetic_{train,eval}.jsonl
-    python scripts/make_arithmetic.py OUT_DIR    # the same two files under OUT_DIR
+    python scripts/make_arithmetic.py            # writes tether/assets/arithmetic_{,tool_}{train,eval}.jsonl
+    python scripts/make_arithmetic.py OUT_DIR    # the same four files under OUT_DIR
 
 A task with a verifiable reward, for trying GRPO and PPO without downloads: each prompt is one
 question in a fixed template, "What is A OP B? Reply with the number only.", and
@@ -27,6 +28,11 @@ from pathlib import Path
 
 SEED = 20261123
 TEMPLATE = "What is {a} {op} {b}? Reply with the number only."
+# The calculator task asks the same question and says how to call the tool (tether.environments:TOOL_PROMPT).
+TOOL_TEMPLATE = (
+    "What is {a} {op} {b}? You have a calculator: write <calc>EXPRESSION</calc>, for example <calc>3 * 4</calc>, "
+    "and its result comes back. Then reply with the number only."
+)
 CATEGORY = {"+": "add", "-": "sub", "*": "mul"}
 EVAL_SHARE = 5  # every fifth question of each pool goes to the eval file
 
@@ -83,7 +89,15 @@ def main() -> None:
     train, evaluation = make()
     write_jsonl(out / "arithmetic_train.jsonl", train)
     write_jsonl(out / "arithmetic_eval.jsonl", evaluation)
-    print(f"wrote {len(train)} training and {len(evaluation)} eval prompts to {out}")
+    for name, records in (("train", train), ("eval", evaluation)):
+        write_jsonl(out / f"arithmetic_tool_{name}.jsonl", [with_tool(record) for record in records])
+    print(f"wrote {len(train)} training and {len(evaluation)} eval prompts (and their calculator versions) to {out}")
+
+
+def with_tool(record: dict) -> dict:
+    """The record of the calculator task: the same question, the tool's call format in the prompt."""
+    a, op, b = record["prompt"].removeprefix("What is ").split("?")[0].split(" ")
+    return {**record, "prompt": TOOL_TEMPLATE.format(a=a, op=op, b=b)}
 
 
 if __name__ == "__main__":

@@ -24,10 +24,26 @@ from typing import Any
 
 import torch
 
-from tether.sampling import left_pad, truncate_after_eos
+from tether.sampling import trajectory_from_rows
 from tether.trajectory import Trajectory
 
 _calls = {"count": 0}
+
+
+def deterministic_sampler(
+    model: Any,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    speed: Any = None,
+    return_logprobs: bool = False,
+) -> Any:
+    """sampling.turn_sampler's contract, sampling with `deterministic_generate`: the rollouts'
+    sampler (passes.py). The eval set still samples with the model."""
+    return lambda contexts, samples: deterministic_generate(
+        model, contexts, samples, max_new_tokens, temperature, pad_id, eos_ids
+    )
 
 
 def deterministic_generate(
@@ -56,20 +72,7 @@ def deterministic_generate(
             if length < max_new_tokens:  # as generate: a response stops at EOS or at max_new_tokens
                 tokens = torch.cat([tokens, torch.tensor([eos_ids[0]])])
             rows.append(tokens.tolist())
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(len(r) for r in rows)
-    response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        response_ids[i, : len(row)] = torch.tensor(row)
-    response_ids, response_mask, finished = truncate_after_eos(response_ids, eos_ids, pad_id)
-    rollout = Trajectory(
-        prompt_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
-        prompt_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
-        response_ids=response_ids,
-        response_mask=response_mask,
-        finished=finished,
-        prompt_index=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
-    )
+    rollout = trajectory_from_rows(prompts, samples_per_prompt, rows, pad_id, eos_ids)
     return rollout, None
 
 
@@ -173,7 +176,7 @@ def main(jobs_file: str) -> None:
     import tether.passes
     from tether.runtime import leave_process_group, world
 
-    tether.passes.generate = deterministic_generate  # type: ignore[assignment]
+    tether.passes.turn_sampler = deterministic_sampler  # type: ignore[assignment]
     for stage, run_dir, overrides, resume in json.loads(Path(jobs_file).read_text()):
         if stage == "fsdp-pieces":
             fsdp_pieces(run_dir, overrides[0])

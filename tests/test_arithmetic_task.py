@@ -130,5 +130,5 @@ def test_tether_loads_the_shipped_files_as_prompts():
 
 def test_shipped_files_are_what_the_generator_writes(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_arithmetic.py"), str(tmp_path)], check=True)
-    for name in FILES:
+    for name in (*FILES, "arithmetic_tool_train.jsonl", "arithmetic_tool_eval.jsonl"):
         assert (tmp_path / name).read_bytes() == Path(shipped_data(name)).read_bytes(), name

@@ -397,6 +397,7 @@ STAGE_OF = {
     "dpo.yaml": DPOConfig,
     "grpo.yaml": GRPOConfig,
     "grpo-arithmetic.yaml": GRPOConfig,
+    "grpo-calculator.yaml": GRPOConfig,
 }
 
 

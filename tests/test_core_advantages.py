@@ -174,3 +174,40 @@ def test_gae_returns_are_advantages_plus_values_on_real_tokens():
     rewards, values, mask = _ragged(9)
     advantages, returns = compute_gae(rewards, values, mask, 0.99, 0.95)
     torch.testing.assert_close(returns[mask], (advantages + values)[mask], **GAE_TOL)
+
+
+# --- masks with holes: the tool output of a multi-turn episode (tether/episodes.py) ---------------
+
+
+def test_gae_steps_over_masked_out_tool_tokens_hand_computed():
+    # Model tokens at 0, 1 and 4; tool output at 2, 3 (masked out: neither a reward, a value nor an
+    # end). gamma 0.9, lam 0.8 (gamma * lam = 0.72):
+    #   t=4: delta = 3 - 2.0 = 1                              A_4 = 1
+    #   t=1: delta = 0 + 0.9 * V_4 - V_1 = 1.8 - 1.0 = 0.8    A_1 = 0.8 + 0.72 * 1    = 1.52
+    #   t=0: delta = 1 + 0.9 * V_1 - V_0 = 1.9 - 0.5 = 1.4    A_0 = 1.4 + 0.72 * 1.52 = 2.4944
+    rewards = torch.tensor([[1.0, 0.0, 50.0, 50.0, 3.0]])
+    values = torch.tensor([[0.5, 1.0, -9.0, -9.0, 2.0]])
+    mask = torch.tensor([[True, True, False, False, True]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(advantages, torch.tensor([[2.4944, 1.52, 0.0, 0.0, 1.0]]), **GAE_TOL)
+    torch.testing.assert_close(returns, torch.tensor([[2.9944, 2.52, 0.0, 0.0, 3.0]]), **GAE_TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_with_holes_equals_gae_of_the_model_tokens_pushed_together(seed):
+    """Over a mask with holes, GAE is the plain recursion over the masked-in tokens alone."""
+    gen = torch.Generator().manual_seed(seed)
+    rewards, values = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    mask = torch.rand(5, 12, generator=gen) < 0.6
+    mask[0] = False  # a row with no model token at all
+    advantages, returns = compute_gae(rewards, values, mask, 0.99, 0.95)
+    for row in range(5):
+        kept = mask[row].nonzero().flatten()
+        packed = _prefix_mask([len(kept)], 12)
+        packed_rewards = torch.zeros(1, 12)
+        packed_values = torch.zeros(1, 12)
+        packed_rewards[0, : len(kept)], packed_values[0, : len(kept)] = rewards[row, kept], values[row, kept]
+        expected_adv, expected_ret = _reference_gae(packed_rewards, packed_values, packed, 0.99, 0.95)
+        torch.testing.assert_close(advantages[row, kept], expected_adv[0, : len(kept)], **GAE_TOL)
+        torch.testing.assert_close(returns[row, kept], expected_ret[0, : len(kept)], **GAE_TOL)
+        assert (advantages[row, ~mask[row]] == 0).all() and (returns[row, ~mask[row]] == 0).all()

@@ -32,7 +32,7 @@ from tether.roles.forward import in_chunks
 from tether.roles.policy import response_logprobs
 from tether.roles.value import response_values
 from tether.runtime import autocast
-from tether.sampling import decode_responses, generate
+from tether.sampling import SampleTurn, decode_responses, turn_sampler
 from tether.trajectory import Trajectory
 
 # The policy's pass of step 3 with its autograd graph kept (speed.reuse_old_pass): its log-probs
@@ -49,7 +49,8 @@ def sample_batch(
 ) -> Trajectory:
     """rollout.samples_per_prompt responses to each prompt, decoded, on the policy's device, with the
     log-probs the sampler drew them with: transformers' generate, or the vLLM engine (which must
-    hold the policy's current weights: `hold_weights`)."""
+    hold the policy's current weights: `hold_weights`). With rollout.environment, each is a
+    multi-turn episode (episodes.py)."""
     device = next(roles.policy.parameters()).device
     rollout = config.rollout
     sampled: Tensor | None
@@ -61,26 +62,39 @@ def sample_batch(
             prompt_ids, rollout.samples_per_prompt, rollout.max_new_tokens, rollout.temperature, seed
         )
     else:
+        # Free with tether's sampler (it has them); transformers' would keep every step's logits.
+        turn = policy_sampler(
+            roles, config, rollout.max_new_tokens, rollout.temperature, config.speed.inverse_cdf_sampler
+        )
         with autocast(device, config.model.dtype), fsdp.gathered(roles.policy):  # model.fsdp: gathered once per call
-            trajectory, sampled = generate(
-                roles.policy,
-                prompt_ids,
-                rollout.samples_per_prompt,
-                rollout.max_new_tokens,
-                rollout.temperature,
-                roles.pad_id,
-                roles.eos_ids,
-                speed=config.speed,
-                # Free with tether's sampler (it has them); transformers' would keep every step's logits.
-                return_logprobs=config.speed.inverse_cdf_sampler,
-            )
+            if roles.episodes is not None:
+                trajectory, sampled = (
+                    roles.episodes.run(turn, prompt_texts, prompt_ids, rollout.samples_per_prompt),
+                    None,
+                )
+            else:
+                trajectory, sampled = turn(prompt_ids, rollout.samples_per_prompt)
     if sampled is not None:
         trajectory = dataclasses.replace(trajectory, sample_logprobs=sampled)
-    trajectory = trajectory.to(device)
+    return read_back(roles, trajectory.to(device), prompt_texts)
+
+
+def policy_sampler(
+    roles: RolloutRoles, config: OnlineConfig, max_new_tokens: int, temperature: float, with_logprobs: bool
+) -> SampleTurn:
+    """The policy's responses through transformers' generate (sampling.turn_sampler)."""
+    return turn_sampler(
+        roles.policy, roles.pad_id, roles.eos_ids, max_new_tokens, temperature, config.speed, with_logprobs
+    )
+
+
+def read_back(roles: RolloutRoles, trajectory: Trajectory, prompt_texts: list[str]) -> Trajectory:
+    """The texts of a sampled trajectory: each row's prompt, and its response (an episode's already has them)."""
+    prompts = tuple(prompt_texts[int(i)] for i in trajectory.prompt_index)
+    if trajectory.episodes:
+        return dataclasses.replace(trajectory, prompts=prompts)
     return dataclasses.replace(
-        trajectory,
-        prompts=tuple(prompt_texts[int(i)] for i in trajectory.prompt_index),
-        responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids),
+        trajectory, prompts=prompts, responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids)
     )
 
 
@@ -211,23 +225,13 @@ def probe_scorers(
     names itself and the sample). Greedy decoding inside a forked RNG: the run draws what it would
     have drawn without the probe."""
     device = next(roles.policy.parameters()).device
+    turn = policy_sampler(roles, config, min(PROBE_TOKENS, config.rollout.max_new_tokens), 0.0, False)
+    texts, ids = prompt_texts[:PROBE_PROMPTS], prompt_ids[:PROBE_PROMPTS]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         with autocast(device, config.model.dtype), fsdp.gathered(roles.policy):  # model.fsdp: gathered once per call
-            trajectory, _ = generate(
-                roles.policy,
-                prompt_ids[:PROBE_PROMPTS],
-                1,
-                min(PROBE_TOKENS, config.rollout.max_new_tokens),
-                0.0,
-                roles.pad_id,
-                roles.eos_ids,
-                speed=config.speed,
-            )
-        trajectory = dataclasses.replace(
-            trajectory.to(device),
-            prompts=tuple(prompt_texts[:PROBE_PROMPTS]),
-            responses=decode_responses(roles.tokenizer, trajectory, roles.eos_ids),
-        )
+            # With an environment, it is probed too: made, reset and stepped.
+            trajectory = roles.episodes.run(turn, texts, ids, 1) if roles.episodes is not None else turn(ids, 1)[0]
+        trajectory = read_back(roles, trajectory.to(device), texts)
         roles.rewards.score_trajectory(trajectory)
         if judge is not None:
             judge(trajectory)

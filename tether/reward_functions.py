@@ -229,7 +229,8 @@ def _judge_one(prompt: str, response: str) -> float:
 # template. The checker reads the question back out of the prompt text (reward functions see
 # only the text), so a prompt in any other form is an error, never a silent 0.
 
-ARITHMETIC_PROMPT = re.compile(r"What is (0|[1-9][0-9]*) ([-+*]) (0|[1-9][0-9]*)\? Reply with the number only\.")
+ARITHMETIC_QUESTION = r"What is (0|[1-9][0-9]*) ([-+*]) (0|[1-9][0-9]*)\?"
+ARITHMETIC_PROMPT = re.compile(ARITHMETIC_QUESTION + r" Reply with the number only\.")
 # A number in a response: digits, where digits joined by one '.' or ',' stay one number (12.5,
 # 1,000), with a minus sign when '-' stands right before the digits and not right after a letter
 # or digit ("-7" is negative; "9-7" is 9 and 7).
@@ -237,18 +238,24 @@ RESPONSE_NUMBER = re.compile(r"(?:(?<![A-Za-z0-9])-)?[0-9]+(?:[.,][0-9]+)*")
 PLAIN_INTEGER = re.compile(r"-?[0-9]+")
 
 
-def arithmetic_question(prompt: str) -> tuple[int, str, int, int]:
-    """(a, op, b, answer) of a prompt 'What is A OP B? Reply with the number only.' (OP: + - *).
+def arithmetic_question(prompt: str, pattern: re.Pattern[str] = ARITHMETIC_PROMPT) -> tuple[int, str, int, int]:
+    """(a, op, b, answer) of a prompt 'What is A OP B? Reply with the number only.' (OP: + - *),
+    or of one that `pattern` matches whole (the calculator task's: tether/environments.py).
 
     Raises ValueError, naming the prompt, for any other text, and for a question whose answer
     equals one of its operands (e.g. 6 - 3): there, restating the question could not be told
     from answering it (see `arithmetic`).
     """
-    match = ARITHMETIC_PROMPT.fullmatch(prompt)
+    match = pattern.fullmatch(prompt)
     if match is None:
         raise ValueError(
             f"not an arithmetic prompt {prompt!r}; expected exactly "
-            "'What is A OP B? Reply with the number only.' with OP one of + - *"
+            + (
+                "'What is A OP B? Reply with the number only.'"
+                if pattern is ARITHMETIC_PROMPT
+                else repr(pattern.pattern)
+            )
+            + " with OP one of + - *"
         )
     a, op, b = int(match[1]), match[2], int(match[3])
     answer = a + b if op == "+" else a - b if op == "-" else a * b
@@ -272,15 +279,17 @@ def arithmetic(prompts: list[str], responses: list[str], **_: Any) -> list[float
     Listing several candidates never earns credit. Each prompt must parse (`arithmetic_question`);
     one that does not is a ValueError naming it.
     """
-    scores = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        a, _op, b, answer = arithmetic_question(prompt)
-        operands = {a, b}
-        left = [
-            number
-            for number in RESPONSE_NUMBER.findall(response)
-            if not (PLAIN_INTEGER.fullmatch(number) and int(number) in operands)
-        ]
-        right = bool(left) and all(PLAIN_INTEGER.fullmatch(n) and int(n) == answer for n in left)
-        scores.append(1.0 if right else 0.0)
-    return scores
+    return [arithmetic_answer_score(arithmetic_question(p), r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def arithmetic_answer_score(question: tuple[int, str, int, int], response: str) -> float:
+    """`arithmetic`'s score of one response to a parsed question (a, op, b, answer): 1.0 or 0.0."""
+    a, _op, b, answer = question
+    operands = {a, b}
+    left = [
+        number
+        for number in RESPONSE_NUMBER.findall(response)
+        if not (PLAIN_INTEGER.fullmatch(number) and int(number) in operands)
+    ]
+    right = bool(left) and all(PLAIN_INTEGER.fullmatch(n) and int(n) == answer for n in left)
+    return 1.0 if right else 0.0

@@ -10,7 +10,7 @@ and each token is drawn with one uniform number per row (speed.inverse_cdf_sampl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -35,6 +35,33 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
             ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq) :] = True
     return ids, mask
+
+
+def right_pad(rows: list[list[Any]], value: float | bool, dtype: torch.dtype) -> Tensor:
+    """Per-token lists -> (B, W) of `dtype`, `value` after each row's end; W is the longest (at least 1)."""
+    out = torch.full((len(rows), max(1, max((len(r) for r in rows), default=0))), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def trajectory_from_rows(
+    prompts: list[list[int]], samples_per_prompt: int, rows: list[list[int]], pad_id: int, eos_ids: list[int]
+) -> Trajectory:
+    """The trajectory of sampled token rows (a prompt's samples together, prompts in order): the
+    layout `generate` returns, each response truncated after its first EOS. For samplers other
+    than transformers' generate (the vLLM engine, the tests' deterministic one)."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    response_ids, response_mask, finished = truncate_after_eos(right_pad(rows, pad_id, torch.long), eos_ids, pad_id)
+    return Trajectory(
+        prompt_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        finished=finished,
+        prompt_index=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
+    )
 
 
 def truncate_after_eos(response_ids: Tensor, eos_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,10 +183,46 @@ def _generate_inputs(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, speed:
     return {"input_ids": ids, "attention_mask": split.attention_mask.long(), cache_keyword(model): cache}
 
 
+# Samples one turn: (contexts, samples per context) -> (the trajectory of the responses, their (B, R)
+# sampler log-probs or None), rows in the order of repeat_interleave. episodes.py calls it per turn.
+SampleTurn = Callable[[list[list[int]], int], tuple[Trajectory, Tensor | None]]
+
+
+def turn_sampler(
+    model: Any,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    speed: SpeedConfig,
+    return_logprobs: bool = False,
+) -> SampleTurn:
+    """`generate` with everything but the contexts and the number of samples fixed."""
+
+    def turn(contexts: list[list[int]], samples: int) -> tuple[Trajectory, Tensor | None]:
+        return generate(
+            model,
+            contexts,
+            samples,
+            max_new_tokens,
+            temperature,
+            pad_id,
+            eos_ids,
+            speed=speed,
+            return_logprobs=return_logprobs,
+        )
+
+    return turn
+
+
 def decode_responses(tokenizer: Any, trajectory: Trajectory, eos_ids: list[int]) -> tuple[str, ...]:
     """Response texts without EOS and special tokens: what reward functions and people read."""
-    texts = []
-    for ids, mask in zip(trajectory.response_ids, trajectory.response_mask, strict=True):
-        kept = [int(t) for t in ids[mask] if int(t) not in eos_ids]
-        texts.append(str(tokenizer.decode(kept, skip_special_tokens=True)))
-    return tuple(texts)
+    return tuple(
+        decode_tokens(tokenizer, [int(t) for t in ids[mask]], eos_ids)
+        for ids, mask in zip(trajectory.response_ids, trajectory.response_mask, strict=True)
+    )
+
+
+def decode_tokens(tokenizer: Any, ids: list[int], eos_ids: list[int]) -> str:
+    """One response's text: its tokens without EOS and special tokens."""
+    return str(tokenizer.decode([i for i in ids if i not in eos_ids], skip_special_tokens=True))

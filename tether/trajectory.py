@@ -6,6 +6,9 @@ returns are not fields: they are computed from a trajectory and handed to the up
 
 Layout: B sequences as [left-padded prompt (P) | right-padded response (R)]; every response starts
 in column P, so per-token tensors of the response are (B, R) and line up with `response_mask`.
+A multi-turn episode (episodes.py) is one response too: the model's turns and the tool output
+between them, in the order they came; `tool_mask` marks the tool's tokens, which are read as
+context and never trained on (`mask` leaves them out).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ class Trajectory:
     prompt_index: Tensor  # (B,) long, which prompt of the batch each sequence answers (its group)
     # Read back: the texts reward functions and people see.
     prompts: tuple[str, ...] = ()  # (B,) the prompt each sequence answers
-    responses: tuple[str, ...] = ()  # (B,) decoded, up to the first EOS
+    responses: tuple[str, ...] = ()  # (B,) decoded, up to the first EOS (an episode: its last model turn)
+    # Multi-turn episodes (episodes.py); empty for one-turn responses.
+    tool_mask: Tensor = field(default_factory=_empty)  # (B, R) bool, True on tokens the environment wrote
+    episodes: tuple[tuple[tuple[str, str], ...], ...] = ()  # (B,) each episode's turns as (role, text)
+    environment_scores: Tensor = field(default_factory=_empty)  # (B,) each episode's summed reward
     # What the sampler reported: the (B, R) log-probs it drew each token with (the gap to
     # old_logprobs is the sampler's mismatch with the trainer: rollout/logprob_gap_*).
     sample_logprobs: Tensor = field(default_factory=_empty)
@@ -58,7 +65,10 @@ class Trajectory:
 
     @property
     def mask(self) -> Tensor:
-        return self.response_mask  # (B, R): True on the tokens every loss and statistic counts
+        """(B, R): True on the tokens every loss and statistic counts, the ones the policy sampled."""
+        if self.tool_mask.numel():
+            return self.response_mask & ~self.tool_mask
+        return self.response_mask
 
     @property
     def response_start(self) -> int:
@@ -66,7 +76,7 @@ class Trajectory:
 
     @property
     def response_lengths(self) -> Tensor:
-        return self.response_mask.sum(dim=1)  # (B,)
+        return self.response_mask.sum(dim=1)  # (B,) an episode's tool output included
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -113,6 +123,13 @@ def concat_trajectories(parts: list[Trajectory], pad_id: int) -> Trajectory:
         prompt_index=torch.cat([t.prompt_index + offset for t, offset in zip(parts, offsets, strict=True)]),
         prompts=tuple(text for t in parts for text in t.prompts),
         responses=tuple(text for t in parts for text in t.responses),
+        tool_mask=torch.cat([pad_columns(t.tool_mask, width_r, False) for t in parts])
+        if first.tool_mask.numel()
+        else first.tool_mask,
+        episodes=tuple(turns for t in parts for turns in t.episodes),
+        environment_scores=torch.cat([t.environment_scores for t in parts])
+        if first.environment_scores.numel()
+        else first.environment_scores,
         sample_logprobs=tokens("sample_logprobs") if first.sample_logprobs.numel() else first.sample_logprobs,
         old_logprobs=tokens("old_logprobs") if first.old_logprobs.numel() else first.old_logprobs,
         entropy=tokens("entropy") if first.entropy.numel() else first.entropy,

@@ -284,6 +284,10 @@ class RewardConfig:
     function_kwargs: dict[str, Any] = setting({}, "Extra keyword arguments passed to reward.function and reward.gold.")
     model_weight: float = setting(1.0, "Weight of the reward model's score in the total score.")
     function_weight: float = setting(1.0, "Weight of the reward function's score in the total score.")
+    environment_weight: float = setting(
+        1.0,
+        "Weight of an episode's reward from rollout.environment (the sum of its steps' rewards) in the total score.",
+    )
     gold: str | None = setting(
         None,
         "A judge logged as objective/gold_scores and never trained on: a function (same format as function) or "
@@ -338,6 +342,40 @@ class RolloutConfig:
         "correcting for the gap between the sampler's and the trainer's log-probs (rollout/logprob_gap_*).",
     )
     is_cap: float = setting(2.0, "The cap C of rollout.is_correction's weights.", positive)
+    environment: str | None = setting(
+        None,
+        "Multi-turn episodes: an environment class or factory 'path/file.py:Name' or 'package.module:Name', "
+        "one per episode (reset(prompt), step(turn) -> Step: docs/environments.md); the shipped calculator task "
+        "is tether.environments:Calculator. null: every episode is one response.",
+    )
+    environment_kwargs: dict[str, Any] = setting({}, "Keyword arguments rollout.environment is called with.")
+    max_turns: int = setting(
+        1, "Model turns per episode (rollout.environment); each turn is up to rollout.max_new_tokens long.", positive
+    )
+    max_tool_tokens: int = setting(
+        64, "Longest tool output in tokens: an environment's longer observation is cut to this.", positive
+    )
+
+    # The tokens a chat template's frame puts around one tool output, at most (tether plan's bound).
+    TOOL_FRAME_TOKENS = 16
+
+    @property
+    def longest_response(self) -> int:
+        """The most tokens a response can have: an episode's every turn and tool output included."""
+        tools = (self.max_turns - 1) * (self.max_tool_tokens + self.TOOL_FRAME_TOKENS)
+        return self.max_turns * self.max_new_tokens + tools
+
+    def check(self, prefix: str) -> None:
+        if self.max_turns > 1 and self.environment is None:
+            raise ConfigError(
+                f"{prefix}max_turns={self.max_turns} needs {prefix}environment: it is the environment that answers "
+                "each turn (e.g. tether.environments:Calculator)"
+            )
+        if self.environment is not None and self.engine == "vllm":
+            raise ConfigError(
+                f"{prefix}environment with {prefix}engine='vllm': multi-turn episodes sample with transformers' "
+                f"generate only for now; set {prefix}engine='hf'"
+            )
 
 
 @dataclass

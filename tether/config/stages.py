@@ -102,8 +102,8 @@ class RolloutStageConfig:
             )
 
     def missing(self) -> list[str]:
-        """Settings that have no usable default and must be given."""
-        return self.reward.missing("reward.")
+        """Settings that have no usable default and must be given (an environment's reward is a source)."""
+        return [] if self.rollout.environment is not None else self.reward.missing("reward.")
 
 
 @dataclass
@@ -143,6 +143,11 @@ class GRPOConfig(RolloutStageConfig):
             raise ConfigError(
                 f"rollout.samples_per_prompt={samples}: {why}, so it needs at least 2 (4 to 16 is usual; "
                 "grpo.estimator='reinforce_pp' takes 1)"
+            )
+        if grpo.overlong_buffer is not None and self.rollout.max_turns > 1:
+            raise ConfigError(
+                f"grpo.overlong_buffer with rollout.max_turns={self.rollout.max_turns}: the length limit is per turn "
+                "and an episode has several, so there is no one limit to ramp the penalty towards"
             )
         if grpo.overlong_buffer is not None and grpo.overlong_buffer >= self.rollout.max_new_tokens:
             raise ConfigError(

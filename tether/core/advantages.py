@@ -48,23 +48,31 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
     with V and A taken as 0 after the last real token (the response ends the episode).
 
-    rewards, values: (B, T); mask: (B, T) True on real tokens (a prefix of each row).
-    returns (advantages, returns), both (B, T) and 0 at padding; returns = advantages + values.
+    rewards, values: (B, T); mask: (B, T) True on the tokens the policy chose. t + 1 is the next of
+    those: positions outside the mask are skipped, not ends, so in a multi-turn episode the tool
+    output between two model turns (masked out: tether/episodes.py) is stepped over and the
+    model's last token before it bootstraps from the value at its first token after it. For a
+    mask that is a prefix of each row (one response, then padding) this is the plain recursion.
+    returns (advantages, returns), both (B, T) and 0 outside the mask; returns = advantages + values.
     """
+    mask = mask.bool()
     mask_f = mask.float()
-    rewards = torch.where(mask.bool(), rewards.float(), torch.zeros_like(mask_f))
-    values = torch.where(mask.bool(), values.float(), torch.zeros_like(mask_f))
+    rewards = torch.where(mask, rewards.float(), torch.zeros_like(mask_f))
+    values = torch.where(mask, values.float(), torch.zeros_like(mask_f))
     num_steps = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
-    next_mask = torch.zeros_like(rewards[:, 0])
+    has_next = torch.zeros_like(rewards[:, 0])  # 1 once a masked-in token lies after t: no bootstrap past the end
     for t in reversed(range(num_steps)):
-        # A masked next step is the end of the episode: no bootstrap through padding.
-        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
-        next_advantage = delta + gamma * lam * next_mask * next_advantage
-        advantages[:, t] = next_advantage
-        next_value, next_mask = values[:, t], mask_f[:, t]
+        delta = rewards[:, t] + gamma * next_value * has_next - values[:, t]
+        advantage = delta + gamma * lam * has_next * next_advantage
+        advantages[:, t] = advantage
+        # Only a masked-in token becomes "the next step"; a masked-out one leaves the state as it is.
+        here = mask[:, t]
+        next_advantage = torch.where(here, advantage, next_advantage)
+        next_value = torch.where(here, values[:, t], next_value)
+        has_next = torch.where(here, torch.ones_like(has_next), has_next)
     advantages = advantages * mask_f
     returns = (advantages + values) * mask_f
     return advantages, returns
@@ -141,7 +149,8 @@ def spread_over_tokens(values: Tensor, mask: Tensor) -> Tensor:
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """Reward-to-go G_t = sum_{k >= t} gamma^(k - t) r_k over each response's real tokens.
 
-    The episode ends after the last real token, so padding never contributes. This is GAE with
+    The episode ends after the last real token, so padding never contributes; positions outside the
+    mask (tool output in a multi-turn episode) are stepped over and count no discount step. This is GAE with
     V = 0 and lam = 1 (Schulman et al. 2016, eq. 18 with V = 0), and is computed that way.
     rewards, mask: (B, T); returns (B, T) float32, 0 at padding.
     """

@@ -33,7 +33,7 @@ from torch import Tensor
 from tether.config import RolloutStageConfig
 from tether.errors import TetherError
 from tether.runtime import rng_state, set_rng_state
-from tether.sampling import left_pad, truncate_after_eos
+from tether.sampling import right_pad, trajectory_from_rows
 from tether.speed.prepared_linears import folded_lora_weights
 from tether.trajectory import Trajectory
 
@@ -116,23 +116,11 @@ class VLLMEngine:
                 tokens = list(sample.token_ids)
                 rows.append(tokens)
                 row_logprobs.append([sample.logprobs[i][t].logprob for i, t in enumerate(tokens)])
-        pad_id = int(self.tokenizer.pad_token_id)
-        prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-        width = max(1, max(len(r) for r in rows))
-        response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, (tokens, values) in enumerate(zip(rows, row_logprobs, strict=True)):
-            response_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            logprobs[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
-        response_ids, response_mask, finished = truncate_after_eos(response_ids, self.eos_ids, pad_id)
-        trajectory = Trajectory(
-            prompt_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
-            prompt_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            finished=finished,
-            prompt_index=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
+        trajectory = trajectory_from_rows(
+            prompts, samples_per_prompt, rows, int(self.tokenizer.pad_token_id), self.eos_ids
         )
+        logprobs = right_pad(row_logprobs, 0.0, torch.float32)  # the same width: the same rows
+        response_mask = trajectory.response_mask
         return trajectory, torch.where(response_mask, logprobs, torch.zeros_like(logprobs))
 
     # ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tether.core import masked_mean
+from tether.episodes import ASSISTANT, TOOL, transcript
 from tether.evaluation.metrics import distinct_n, top_opening_share
 from tether.run.log import Timer, peak_memory_gb
 from tether.trajectory import Trajectory
@@ -34,6 +35,8 @@ def batch_metrics(trajectory: Trajectory, sequence_kl: Tensor, timer: Timer, dev
     for name, values_of_source in trajectory.score_parts.items():
         key = "objective/gold_scores" if name == "gold" else f"objective/{name}_scores"
         metrics[key] = float(values_of_source.mean())
+    if trajectory.episodes:
+        metrics.update(episode_metrics(trajectory))
     if trajectory.sample_logprobs.numel() and trajectory.old_logprobs.numel():
         metrics.update(sampler_gap(trajectory.sample_logprobs, trajectory.old_logprobs, trajectory.mask))
     return metrics
@@ -54,14 +57,34 @@ def sampler_gap(sampled: Tensor, trained: Tensor, mask: Tensor) -> dict[str, flo
     }
 
 
+def episode_metrics(trajectory: Trajectory) -> dict[str, float]:
+    """What multi-turn episodes did: model turns, tool outputs read and their tokens, per episode."""
+    turns = [sum(role == ASSISTANT for role, _ in episode) for episode in trajectory.episodes]
+    tools = [sum(role == TOOL for role, _ in episode) for episode in trajectory.episodes]
+    return {
+        "episode/turns_mean": sum(turns) / len(turns),
+        "episode/tool_results_mean": sum(tools) / len(tools),
+        "episode/tool_tokens_mean": float(trajectory.tool_mask.sum(dim=1).float().mean()),
+        "episode/model_tokens_mean": float(trajectory.mask.sum(dim=1).float().mean()),
+    }
+
+
+def episode_fields(trajectory: Trajectory, row: int) -> dict[str, Any]:
+    """A sample's text for people: the response, or a whole episode with each of its turns."""
+    if not trajectory.episodes:
+        return {"response": trajectory.responses[row]}
+    turns = trajectory.episodes[row]
+    return {"response": transcript(turns), "episode": [{"role": role, "content": text} for role, text in turns]}
+
+
 def batch_samples(trajectory: Trajectory, sequence_kl: Tensor) -> list[dict[str, Any]]:
-    """One row per response for samples.jsonl and the sample table."""
+    """One row per response (or whole episode) for samples.jsonl and the sample table."""
     lengths = trajectory.response_lengths.tolist()
     finished = trajectory.finished.tolist()
     return [
         {
             "prompt": trajectory.prompts[i],
-            "response": trajectory.responses[i],
+            **episode_fields(trajectory, i),
             "score": float(trajectory.scores[i]),
             **{f"{name}_score": float(v[i]) for name, v in trajectory.score_parts.items()},
             "finished": bool(finished[i]),

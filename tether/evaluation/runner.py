@@ -23,6 +23,8 @@ from tether.config import ConfigError, EvalConfig, OnlineConfig, RemoteRewardCon
 from tether.core import kl_per_token
 from tether.data import Prompt, encode_prompts, load_prompts, shipped_data
 from tether.engines.vllm import VLLMEngine
+from tether.episodes import Episodes
+from tether.evaluation.batch import episode_fields
 from tether.evaluation.metrics import (
     distinct_n,
     self_similarity,
@@ -39,13 +41,13 @@ from tether.loading.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from tether.loading.roles import load_rewards
+from tether.loading.roles import load_episodes, load_rewards
 from tether.passes import hold_weights
 from tether.roles.policy import response_logprobs
 from tether.roles.reference import Reference
 from tether.roles.reward import RewardSources, call_function
 from tether.runtime import autocast, pick_device
-from tether.sampling import decode_responses, generate
+from tether.sampling import decode_responses, turn_sampler
 from tether.trajectory import Trajectory
 
 SHIPPED_EVAL_PROMPTS = "eval_prompts.jsonl"
@@ -69,8 +71,10 @@ class Evaluator:
         dtype: str,
         speed: SpeedConfig,
         engine: VLLMEngine | None = None,
+        episodes: Episodes | None = None,
     ) -> None:
         self.settings = settings
+        self.episodes = episodes  # rollout.environment: every eval prompt is a whole episode
         self.speed = speed
         self.engine = engine  # rollout.engine=vllm: the eval set is sampled where the rollouts are
         self.tokenizer = tokenizer
@@ -100,19 +104,12 @@ class Evaluator:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.settings.seed)
                 with autocast(self.device, self.dtype):
-                    rollout, _ = generate(
-                        model,
-                        self.prompt_ids,
-                        1,
-                        self.max_new_tokens,
-                        temperature,
-                        int(self.tokenizer.pad_token_id),
-                        self.eos_ids,
-                        speed=self.speed,
-                    )
+                    rollout = self._sample(model, temperature)
         prompt_texts = [p.text for p in self.prompts]
         rollout = dataclasses.replace(
-            rollout, prompts=tuple(prompt_texts), responses=decode_responses(self.tokenizer, rollout, self.eos_ids)
+            rollout,
+            prompts=tuple(prompt_texts),
+            responses=rollout.responses or decode_responses(self.tokenizer, rollout, self.eos_ids),
         )
         texts = list(rollout.responses)
         scores, parts = self.rewards.score_trajectory(rollout)
@@ -136,7 +133,7 @@ class Evaluator:
             "samples": [
                 {
                     "prompt": prompt_texts[i],
-                    "response": texts[i],
+                    **episode_fields(rollout, i),
                     "score": float(scores[i]),
                     **{f"{k}_score": float(v[i]) for k, v in parts.items()},
                     "judge": float(judge[i]),
@@ -148,6 +145,15 @@ class Evaluator:
             ],
         }
         return result
+
+    def _sample(self, model: Any, temperature: float) -> Trajectory:
+        """One response (or episode) per eval prompt from transformers' generate."""
+
+        pad_id = int(self.tokenizer.pad_token_id)
+        turn = turn_sampler(model, pad_id, self.eos_ids, self.max_new_tokens, temperature, self.speed)
+        if self.episodes is not None:
+            return self.episodes.run(turn, [p.text for p in self.prompts], self.prompt_ids, 1)
+        return turn(self.prompt_ids, 1)[0]
 
     def check_judge(self, trajectory: Trajectory) -> None:
         """Call a judge function once (a run's pre-flight probe): a failure or an unusable result is
@@ -177,7 +183,7 @@ class Evaluator:
             assert self.reference is not None
             ref_logprobs = self.reference.logprobs(ids, attn, start, temperature, self.speed)
         kl = kl_per_token(logprobs, ref_logprobs, "k3")
-        mask = rollout.response_mask.to(self.device)
+        mask = rollout.mask.to(self.device)  # the model's tokens: an episode's tool output is not its choice
         return torch.where(mask, kl, torch.zeros_like(kl)).sum(dim=1).cpu()
 
 
@@ -264,7 +270,9 @@ def build_evaluator(config: OnlineConfig, device: torch.device | None = None) ->
     )
     reference = Reference(model=reference_model.to(device))
     rewards = load_rewards(config, tokenizer, device)
-    return evaluator_for(config, tokenizer, reference, rewards, eos_token_ids(tokenizer, reference_model), device)
+    eos_ids = eos_token_ids(tokenizer, reference_model)
+    episodes = load_episodes(config, tokenizer, eos_ids)
+    return evaluator_for(config, tokenizer, reference, rewards, eos_ids, device, episodes=episodes)
 
 
 def evaluator_for(
@@ -275,6 +283,7 @@ def evaluator_for(
     eos_ids: list[int],
     device: torch.device,
     engine: VLLMEngine | None = None,
+    episodes: Episodes | None = None,
 ) -> Evaluator:
     """An evaluator over the config's eval prompts, judging with roles the caller already holds."""
     prompts = load_prompts(config.data.eval or shipped_data(SHIPPED_EVAL_PROMPTS))[: config.eval.num_prompts]
@@ -291,6 +300,7 @@ def evaluator_for(
         config.model.dtype,
         config.speed,
         engine,
+        episodes,
     )
 
 

@@ -42,7 +42,7 @@ class Watcher:
         evaluator = None
         if config.eval.num_prompts > 0:
             evaluator = evaluator_for(
-                config, roles.tokenizer, roles.reference, roles.rewards, roles.eos_ids, device, engine
+                config, roles.tokenizer, roles.reference, roles.rewards, roles.eos_ids, device, engine, roles.episodes
             )
         return cls(config, run_dir, evaluator, roles.reference, kl_target)
 

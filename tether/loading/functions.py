@@ -1,4 +1,4 @@
-"""Loading user code that tether calls: reward functions, gold judges and eval judges.
+"""Loading user code that tether calls: reward functions, gold judges, eval judges and environments.
 
 A function is named "path/to/file.py:name" (a file, imported under a private module name) or
 "package.module:name" (an importable module). A gold or eval judge may also be the URL of a reward
@@ -22,13 +22,19 @@ from tether.roles.reward import RewardFunction
 
 def load_function(spec: str) -> RewardFunction:
     """'path/to/file.py:name' or 'package.module:name' -> the callable."""
+    return load_callable(spec, "reward function")
+
+
+def load_callable(spec: str, what: str) -> Any:
+    """The callable `spec` names, 'path/to/file.py:name' or 'package.module:name'; `what` it is
+    (a reward function, an environment) names it in every error (a RewardError: user code)."""
     if ":" not in spec:
-        raise RewardError(f"reward function {spec!r} must be 'path/to/file.py:name' or 'package.module:name'")
+        raise RewardError(f"{what} {spec!r} must be 'path/to/file.py:name' or 'package.module:name'")
     source, name = spec.rsplit(":", 1)
     if source.endswith(".py"):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise RewardError(f"reward function file {source!r} does not exist")
+            raise RewardError(f"{what} file {source!r} does not exist")
         module_name = f"tether_reward_{abs(hash(str(path.resolve())))}"
         spec_obj = importlib.util.spec_from_file_location(module_name, path)
         assert spec_obj is not None and spec_obj.loader is not None
@@ -37,15 +43,15 @@ def load_function(spec: str) -> RewardFunction:
         try:
             spec_obj.loader.exec_module(module)
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # importing user code ends nothing either
-            raise RewardError(f"importing reward function file {source!r} failed: {err!r}") from err
+            raise RewardError(f"importing {what} file {source!r} failed: {err!r}") from err
     else:
         try:
             module = importlib.import_module(source)
         except (Exception, SystemExit, KeyboardInterrupt) as err:
-            raise RewardError(f"cannot import module {source!r} for reward function {spec!r}: {err!r}") from err
+            raise RewardError(f"cannot import module {source!r} for {what} {spec!r}: {err!r}") from err
     function = getattr(module, name, None)
     if not callable(function):
-        raise RewardError(f"{source!r} has no callable named {name!r} (from reward function {spec!r})")
+        raise RewardError(f"{source!r} has no callable named {name!r} (from {what} {spec!r})")
     return function
 
 

@@ -19,8 +19,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.config import OnlineConfig, PPOConfig, SpeedConfig
+from tether.data import uses_chat_template
 from tether.engines import fsdp
-from tether.loading.functions import load_function, load_scorer
+from tether.episodes import Episodes
+from tether.loading.functions import load_callable, load_function, load_scorer
 from tether.loading.models import eos_token_ids, load_causal_lm, load_scalar_model, load_tokenizer, load_trainable
 from tether.remote_reward import RemoteReward, RemoteRewardConfig
 from tether.roles.reference import Reference
@@ -44,6 +46,7 @@ class RolloutRoles:
     eos_ids: list[int]
     value_model: Any = None
     value_head: ValueHead | None = None
+    episodes: Episodes | None = None  # rollout.environment: multi-turn episodes
 
     @property
     def pad_id(self) -> int:
@@ -76,7 +79,10 @@ def load_rollout_roles(config: OnlineConfig, checkpoint: Path | None, device: to
         ref_model = ref_model.to(device)
         reference = Reference(model=ref_model)
     rewards = load_rewards(config, tokenizer, device)
-    roles = RolloutRoles(tokenizer, policy, reference, rewards, eos_token_ids(tokenizer, policy))
+    eos_ids = eos_token_ids(tokenizer, policy)
+    roles = RolloutRoles(
+        tokenizer, policy, reference, rewards, eos_ids, episodes=load_episodes(config, tokenizer, eos_ids)
+    )
     if isinstance(config, PPOConfig):
         saved = checkpoint / "value" if checkpoint is not None else None
         if config.model.critic == "head":
@@ -91,6 +97,23 @@ def load_rollout_roles(config: OnlineConfig, checkpoint: Path | None, device: to
     if cfg.fsdp:
         shard_roles(roles, config, ref_model)
     return roles
+
+
+def load_episodes(config: OnlineConfig, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> Episodes | None:
+    """rollout.environment's episodes (environments.py, episodes.py); None for one-turn responses."""
+    rollout = config.rollout
+    if rollout.environment is None:
+        return None
+    return Episodes(
+        load_callable(rollout.environment, "environment"),
+        rollout.environment,
+        rollout.environment_kwargs,
+        rollout.max_turns,
+        rollout.max_tool_tokens,
+        tokenizer,
+        eos_ids,
+        uses_chat_template(tokenizer, config.data.apply_chat_template),
+    )
 
 
 def shard_roles(roles: RolloutRoles, config: OnlineConfig, ref_model: Any) -> None:

@@ -225,7 +225,7 @@ class Lengths:
     """Token lengths the plan assumes, and where they came from."""
 
     prompt: int  # longest prompt (online) or longest prompt of an example (offline)
-    response: int  # longest response (online: max_new_tokens)
+    response: int  # longest response (online: max_new_tokens, every turn of an episode)
     shared_prefix: int  # tokens every prompt starts with, computed once per batch (0: none)
     source: str  # one line: measured on which file, or taken from which setting
     sequence: int = 0  # rm: the longest whole sequence (prompt + the longer response); 0: prompt + response
@@ -258,7 +258,7 @@ def online_lengths(config: Any, trust_remote_code: bool) -> Lengths:
     encodes them; without a tokenizer, data.max_prompt_length."""
     data = config.data
     limit = int(data.max_prompt_length)
-    response = int(config.rollout.max_new_tokens)
+    response = int(config.rollout.longest_response)
     tokenizer = _tokenizer(config.model.name, trust_remote_code)
     if tokenizer is None:
         return Lengths(limit, response, 0, f"data.max_prompt_length={limit} (no tokenizer to measure the prompts)")

@@ -153,9 +153,9 @@ class RewardSources:
 
     @torch.no_grad()
     def score_trajectory(self, trajectory: Trajectory) -> tuple[Tensor, dict[str, Tensor]]:
-        """The score PPO trains on: the reward sources, plus the missing-EOS penalty for responses
-        that did not end (docs/concepts/details.md item 5). returns (scores (B,) on the device,
-        raw per-source scores)."""
+        """The score PPO trains on: the reward sources (an episode's environment reward among them),
+        plus the missing-EOS penalty for responses that did not end (docs/concepts/details.md item 5).
+        returns (scores (B,) on the device, raw per-source scores)."""
         with autocast(self.device, self.dtype):
             scores, parts = self.score(
                 trajectory.input_ids.to(self.device),
@@ -164,6 +164,9 @@ class RewardSources:
                 list(trajectory.responses),
                 trajectory.finished.tolist(),
             )
+        if trajectory.environment_scores.numel():  # a multi-turn episode's reward from its environment
+            parts["environment"] = trajectory.environment_scores.float().cpu()
+            scores = scores + self.config.environment_weight * parts["environment"].to(scores.device)
         finished = trajectory.finished
         if self.missing_eos_penalty is not None:
             scores = torch.where(finished, scores, scores + self.missing_eos_penalty)

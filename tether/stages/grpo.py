@@ -261,7 +261,9 @@ class GRPOTrainer:
             len(trajectory), self.sizes, grpo.epochs, cfg.train.seed, self.run.step, self.device
         ):
             token_count = mask[minibatch.rows].sum()
-            normaliser = loss_normaliser(mask[minibatch.rows], grpo.loss_aggregation, cfg.rollout.max_new_tokens)
+            # seq_sum_constant's constant: the most tokens the model can write in an episode.
+            longest = cfg.rollout.max_new_tokens * cfg.rollout.max_turns
+            normaliser = loss_normaliser(mask[minibatch.rows], grpo.loss_aggregation, longest)
             self.optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = defaultdict(float)
             for rows in minibatch.micro_batches:
