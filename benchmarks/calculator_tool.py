@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from critic_free import ROOT, train_and_read
+from critic_free import ROOT, measure_all, train_and_read
 
 ARMS: dict[str, list[str]] = {"with the calculator": ["rollout.max_turns=3"], "without": ["rollout.max_turns=1"]}
 
@@ -84,13 +84,4 @@ if __name__ == "__main__":
     if args.table:
         print(table(json.loads(args.table.read_text())))
         raise SystemExit(0)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else []
-    for seed in args.seeds:
-        for arm in args.arms:
-            if any(r["arm"] == arm and r["seed"] == seed and r["steps"] == args.steps for r in results):
-                continue  # measured already: a long benchmark can be continued
-            results.append(run_one(arm, seed, args.steps, args.work))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
-            print(json.dumps(results[-1]), flush=True)
-    print(table(results))
+    print(table(measure_all("arm", args.arms, args.seeds, args.steps, args.out, args.work, run_one)))

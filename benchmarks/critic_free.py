@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +103,23 @@ def train_and_read(
     return summary, rows, document
 
 
+def measure_all(
+    key: str, names: list[str], seeds: list[int], steps: int, out: Path, work: Path, run: Callable[..., dict]
+) -> list[dict]:
+    """`run(name, seed, steps, work)` for every seed and name not yet in `out` (a long benchmark can
+    be continued), each result written to `out` as it comes; returns every result."""
+    results = json.loads(out.read_text()) if out.is_file() else []
+    for seed in seeds:
+        for name in names:
+            if any(r[key] == name and r["seed"] == seed and r["steps"] == steps for r in results):
+                continue  # measured already
+            results.append(run(name, seed, steps, work))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| recipe | held-out accuracy: start -> final, mean ± std (each seed) | KL to the start (nats) | s / iteration "
@@ -153,13 +171,4 @@ if __name__ == "__main__":
     if args.table:
         print(table(json.loads(args.table.read_text())))
         raise SystemExit(0)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else []
-    for seed in args.seeds:
-        for name in args.recipes:
-            if any(r["recipe"] == name and r["seed"] == seed and r["steps"] == args.steps for r in results):
-                continue  # measured already: a long benchmark can be continued
-            results.append(run_one(name, seed, args.steps, args.work))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
-            print(json.dumps(results[-1]), flush=True)
-    print(table(results))
+    print(table(measure_all("recipe", args.recipes, args.seeds, args.steps, args.out, args.work, run_one)))
