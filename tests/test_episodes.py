@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.test_cli import run_tether
-from tests.test_ppo import NONDETERMINISTIC, PROMPTS
+from tests.test_grpo import assert_resume_is_exact
+from tests.test_ppo import PROMPTS
 from tests.tiny_models import make_tokenizer
 from tether.config import ConfigError, GRPOConfig, PPOConfig, load_config
 from tether.core import (
@@ -106,10 +106,6 @@ def grpo_config(model: Path, task: Path, *overrides: str, environment: str = "Lo
 
 def ppo_config(model: Path, task: Path, *overrides: str) -> PPOConfig:
     return load_config(PPOConfig, None, [*_overrides(model, task), "ppo.minibatch_size=2", *overrides])
-
-
-def _deterministic(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith(NONDETERMINISTIC)} for row in rows]
 
 
 # --- an episode's layout and its log-probs ---------------------------------------------------------
@@ -266,27 +262,9 @@ def test_resume_with_an_environment_matches_an_uninterrupted_run(tiny_llama, tas
     overrides = ["train.steps=4", "train.save_every=2", "train.lr=1e-3", "eval.num_prompts=0"]
     make = ppo_config if stage == "ppo" else grpo_config
     trainer_class = PPOTrainer if stage == "ppo" else GRPOTrainer
-    trainer_class(make(tiny_llama, task, *overrides), task / "straight").train()
-    interrupted = trainer_class(make(tiny_llama, task, *overrides), task / "resumed")
-    real_iteration = interrupted.iteration
-
-    def iteration_then_crash():
-        if interrupted.run.step > 3:
-            raise KeyboardInterrupt
-        return real_iteration()
-
-    monkeypatch.setattr(interrupted, "iteration", iteration_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
-    resumed = trainer_class(make(tiny_llama, task, *overrides), task / "resumed", resume=True)
-    resumed.train()
-    straight_rows = read_jsonl(task / "straight" / "metrics.jsonl")
-    resumed_rows = read_jsonl(task / "resumed" / "metrics.jsonl")
-    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4]
-    assert _deterministic(resumed_rows) == _deterministic(straight_rows)
-    a = load_file(task / "straight" / "checkpoints" / "final" / "model.safetensors")
-    b = load_file(task / "resumed" / "checkpoints" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(
+        lambda run, resume: trainer_class(make(tiny_llama, task, *overrides), run, resume=resume), task, monkeypatch
+    )
 
 
 def test_cli_run_shows_whole_episodes_in_samples_eval_and_report(tiny_llama, task):

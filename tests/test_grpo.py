@@ -4,7 +4,9 @@ resume, the CLI's run directory (no value model), and a run in which the rule-ba
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,9 +124,19 @@ def test_reward_rises_while_kl_stays_bounded(tiny_llama, task):
 
 def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch):
     overrides = ["train.steps=4", "train.save_every=2", "train.lr=1e-3", "eval.num_prompts=0", "grpo.kl_in=reward"]
-    GRPOTrainer(grpo_config(tiny_llama, task, *overrides), task / "straight").train()
+    assert_resume_is_exact(
+        lambda run, resume: GRPOTrainer(grpo_config(tiny_llama, task, *overrides), run, resume=resume),
+        task,
+        monkeypatch,
+    )
 
-    interrupted = GRPOTrainer(grpo_config(tiny_llama, task, *overrides), task / "resumed")
+
+def assert_resume_is_exact(make_trainer: Callable[[Path, bool], Any], folder: Path, monkeypatch) -> None:
+    """A 4-step run interrupted in step 4 (its last checkpoint: step 2) and resumed equals the
+    uninterrupted run: every deterministic metric of every step, and the final weights bit for bit.
+    make_trainer(run directory, resume) builds the stage's trainer with save_every=2."""
+    make_trainer(folder / "straight", False).train()
+    interrupted = make_trainer(folder / "resumed", False)
     real_iteration = interrupted.iteration
 
     def iteration_then_crash():
@@ -135,15 +147,15 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama, task, monkeypatch):
     monkeypatch.setattr(interrupted, "iteration", iteration_then_crash)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
-    resumed = GRPOTrainer(grpo_config(tiny_llama, task, *overrides), task / "resumed", resume=True)
+    resumed = make_trainer(folder / "resumed", True)
     assert resumed.run.step == 2
     resumed.train()
-    straight_rows = read_jsonl(task / "straight" / "metrics.jsonl")
-    resumed_rows = read_jsonl(task / "resumed" / "metrics.jsonl")
+    straight_rows = read_jsonl(folder / "straight" / "metrics.jsonl")
+    resumed_rows = read_jsonl(folder / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4]
     assert _deterministic(resumed_rows) == _deterministic(straight_rows)
-    a = load_file(task / "straight" / "checkpoints" / "final" / "model.safetensors")
-    b = load_file(task / "resumed" / "checkpoints" / "final" / "model.safetensors")
+    a = load_file(folder / "straight" / "checkpoints" / "final" / "model.safetensors")
+    b = load_file(folder / "resumed" / "checkpoints" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
