@@ -41,6 +41,9 @@ What TRL 1.12 does differently (same settings, different mechanics), measured as
   - the prompt order comes from its own shuffled DataLoader (tether: its seeded PromptSampler).
 System "tether-head" is tether with `model.critic=head`: a linear value head on the policy's final
 hidden state instead of a value model (no fourth model; old log-probs and values in one pass).
+System "tether-vllm" is tether with `rollout.engine=vllm` (a colocated vLLM engine samples, the merged
+policy is pushed to it after every update), run in .venv-vllm (`make test-vllm` builds it); ask for it
+with `--systems trl,tether,tether-vllm`.
 The script imports only the standard library at the top: the TRL child runs it in TRL's venv, which
 has no tether.
 """
@@ -67,8 +70,11 @@ TRL_PYTHON = TRL_VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"  # the CPU build on this machine; an unpinned torch pulls CUDA wheels
 TRL_PINS = ["trl==1.12.0", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
-# "tether-head": tether with model.critic=head (a value head on the policy instead of a value model)
-SYSTEMS = ("trl", "tether", "tether-head")
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"  # `make test-vllm` builds it (docs/vllm.md)
+# "tether-head": tether with model.critic=head (a value head on the policy instead of a value model);
+# "tether-vllm": tether with rollout.engine=vllm, run in .venv-vllm (not in the default --systems)
+SYSTEMS = ("trl", "tether", "tether-head", "tether-vllm")
+DEFAULT_SYSTEMS = ["trl", "tether", "tether-head"]
 REWARD_SEEDS = (0, 1, 2)
 
 
@@ -152,11 +158,13 @@ def tether_child(spec: dict[str, Any]) -> dict[str, Any]:
         overrides.append("model.lora=" + json.dumps(LORA))
     if spec["system"] == "tether-head":
         overrides.append("model.critic=head")  # train.value_lr=null: the head's own default
+    if spec["system"] == "tether-vllm":
+        overrides.append("rollout.engine=vllm")
     config = load_config(PPOConfig, None, overrides)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = PPOTrainer(config, run_dir)
-        for trainer.step in range(1, spec["iterations"] + 1):
+        for trainer.run.step in range(1, spec["iterations"] + 1):
             start = time.perf_counter()
             metrics, _ = trainer.iteration()
             seconds = time.perf_counter() - start
@@ -171,8 +179,8 @@ def tether_child(spec: dict[str, Any]) -> dict[str, Any]:
                     "kl": metrics["objective/kl"],
                 }
             )
-            print(f"tether iteration {trainer.step}: {seconds:.1f} s", file=sys.stderr, flush=True)
-        trainer.runlog.close()
+            print(f"tether iteration {trainer.run.step}: {seconds:.1f} s", file=sys.stderr, flush=True)
+        trainer.run.runlog.close()
     return {"iterations": rows, **peak_memory()}
 
 
@@ -350,17 +358,18 @@ def child_main(spec_path: str) -> None:
 
 def shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The converted model folder and the token ids of tether's shipped prompts, as tether makes them."""
-    from tether.models import BUILTIN_MODEL, load_tokenizer, resolve_model_path
-    from tether.stages.online import training_prompts
-
     from tether.config import PPOConfig, load_config
+    from tether.data import encode_prompts, load_prompts, shipped_data
+    from tether.loading.models import BUILTIN_MODEL, load_tokenizer, resolve_model_path
+    from tether.stages.ppo import SHIPPED_PROMPTS
 
     reward_model = Path(args.reward_model).resolve()
     if not (reward_model / "config.json").is_file():
         raise SystemExit(f"no reward model at {reward_model}: run `make demo` first, or pass --reward-model")
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     config = load_config(PPOConfig, None, [f"reward.model={reward_model}"])  # the prompt settings tether's child uses
-    _, prompt_ids = training_prompts(config, tokenizer)
+    prompts = load_prompts(config.data.prompts or shipped_data(SHIPPED_PROMPTS))  # as stages/ppo.py reads them
+    prompt_ids = encode_prompts(tokenizer, prompts, config.data)
     return {
         "model_path": resolve_model_path(BUILTIN_MODEL),
         "reward_model": str(reward_model),
@@ -377,7 +386,7 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    python = str(TRL_PYTHON) if spec["system"] == "trl" else sys.executable
+    python = {"trl": str(TRL_PYTHON), "tether-vllm": str(VLLM_PYTHON)}.get(spec["system"], sys.executable)
     env = os.environ | {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
     if spec["system"] == "trl":
         env["TRL_EXPERIMENTAL_SILENCE"] = "1"  # the warning that trl.experimental's API may change
@@ -563,7 +572,7 @@ def comma_list(kind: type, allowed: tuple[Any, ...] | None = None) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--install-trl", action="store_true", help=f"(re)install {TRL_VENV.name} first")
-    parser.add_argument("--systems", type=comma_list(str, SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--systems", type=comma_list(str, SYSTEMS), default=DEFAULT_SYSTEMS)
     parser.add_argument("--variants", type=comma_list(str, ("full", "lora")), default=["full", "lora"])
     parser.add_argument("--epochs", type=comma_list(int), default=[1, 4], help="PPO epochs per batch, e.g. 1,4")
     parser.add_argument("--iterations", type=int, default=None, help="per run (default: 4 for speed, 20 for rewards)")
@@ -591,6 +600,8 @@ def main() -> None:
         args.iterations = 20 if args.reward_seeds else 4
     if "trl" in args.systems and (args.install_trl or not TRL_PYTHON.exists()):
         install_trl()
+    if "tether-vllm" in args.systems and not VLLM_PYTHON.exists():
+        raise SystemExit(f"tether-vllm runs in {VLLM_PYTHON.parent.parent}: build it with `make test-vllm` first")
 
     shared = shared_inputs(args)
     results = rewards(args, shared) if args.reward_seeds else speed(args, shared)

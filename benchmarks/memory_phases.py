@@ -42,15 +42,14 @@ def main() -> None:
     parser.add_argument("--reward-model", default=str(REPO / "runs" / "demo-rm" / "checkpoints" / "final"))
     args = parser.parse_args()
 
-    import tether.stages.online as online
-
+    import tether.run.log as run_log
     from tether.config import PPOConfig, load_config
     from tether.stages.ppo import PPOTrainer
 
-    timed = online.Timer.__call__
+    timed = run_log.Timer.__call__
 
     @contextmanager
-    def timed_and_measured(self: online.Timer, name: str) -> Iterator[None]:
+    def timed_and_measured(self: run_log.Timer, name: str) -> Iterator[None]:
         before = resource.getrusage(resource.RUSAGE_SELF)
         with timed(self, name):
             yield
@@ -62,7 +61,7 @@ def main() -> None:
             flush=True,
         )
 
-    online.Timer.__call__ = timed_and_measured  # type: ignore[method-assign]
+    run_log.Timer.__call__ = timed_and_measured  # type: ignore[method-assign]
     overrides = [
         f"reward.model={args.reward_model}",
         "train.batch_size=8",
@@ -84,11 +83,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = PPOTrainer(config, run_dir)
         print("roles loaded: now {:.2f} GiB, peak {:.2f} GiB".format(*resident_gib()))
-        for trainer.step in range(1, args.iterations + 1):
+        for trainer.run.step in range(1, args.iterations + 1):
             start = time.perf_counter()
             trainer.iteration()
-            print(f"iteration {trainer.step}: {time.perf_counter() - start:.2f} s", flush=True)
-        trainer.runlog.close()
+            print(f"iteration {trainer.run.step}: {time.perf_counter() - start:.2f} s", flush=True)
+        trainer.run.runlog.close()
 
 
 if __name__ == "__main__":

@@ -59,10 +59,10 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = PPOTrainer(config, run_dir)
         rows = []
-        for trainer.step in range(1, args.iterations + 1):
+        for trainer.run.step in range(1, args.iterations + 1):
             metrics, _ = trainer.iteration()
             rows.append(metrics)
-        trainer.runlog.close()
+        trainer.run.runlog.close()
     print("RESULT " + json.dumps(rows))
 
 

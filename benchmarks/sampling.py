@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sampling.py --samples-per-prompt 8
 
 "multinomial" is HF `generate(do_sample=True)`: softmax, then `torch.multinomial`, which draws an
-exponential random number for every vocabulary entry. "inverse CDF" is `tether.rollout.generate`,
+exponential random number for every vocabulary entry. "inverse CDF" is `tether.sampling.generate`,
 whose logits processor draws each token from one uniform number per row (`core.logprobs.sample_tokens`).
 Everything else is the same in both: the weights prepared for sampling, the shared prompt prefix,
 the shipped prompts with the chat template, 32 new tokens at temperature 0.7, float32. The two run
@@ -21,15 +21,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from tether.models import BUILTIN_MODEL, load_causal_lm, load_tokenizer
-from tether.rollout import _inputs_sharing_prefix, generate, left_pad
-from tether.sampling_linears import sampling_linears
 from transformers import GenerationConfig
 
-from tether.config import DataConfig
+from tether.config import PromptData
 from tether.core.logprobs import sample_tokens
 from tether.data import encode_prompts, load_prompts, shipped_data
+from tether.loading.models import BUILTIN_MODEL, load_causal_lm, load_tokenizer
 from tether.runtime import prepare_process
+from tether.sampling import _generate_inputs, generate, left_pad
+from tether.speed import FAST
+from tether.speed.prepared_linears import prepared_linears
 
 TEMPERATURE = 0.7
 
@@ -47,12 +48,13 @@ def hf_sampling(model: Any, tokenizer: Any, prompts: list[list[int]], samples: i
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
-    with torch.no_grad(), sampling_linears(model):
-        model.generate(**_inputs_sharing_prefix(model, ids, mask), generation_config=config)
+    with torch.no_grad(), prepared_linears(model):
+        model.generate(**_generate_inputs(model, ids, mask, FAST), generation_config=config)
 
 
 def tether_sampling(model: Any, tokenizer: Any, prompts: list[list[int]], samples: int, new_tokens: int) -> None:
-    generate(model, prompts, samples, new_tokens, TEMPERATURE, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    eos = [tokenizer.eos_token_id]
+    generate(model, prompts, samples, new_tokens, TEMPERATURE, tokenizer.pad_token_id, eos, speed=FAST)
 
 
 def seconds(run: Callable[[], Any]) -> float:
@@ -73,7 +75,7 @@ def main() -> None:
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     model = load_causal_lm(BUILTIN_MODEL, tokenizer).eval()
     # The shipped prompts as PPO encodes them (data section defaults: chat template, 512 tokens).
-    prompts = encode_prompts(tokenizer, load_prompts(shipped_data("prompts.jsonl")), DataConfig())
+    prompts = encode_prompts(tokenizer, load_prompts(shipped_data("prompts.jsonl")), PromptData())
 
     systems = {"multinomial": hf_sampling, "inverse CDF": tether_sampling}
     times: dict[str, list[float]] = {name: [] for name in systems}

@@ -23,6 +23,10 @@ from pathlib import Path
 
 SETTINGS: dict[str, tuple[str, list[str]]] = {  # name -> (stage, overrides)
     "ppo, 8 prompts x 1 sample": ("ppo", ["train.batch_size=8", "model.critic=head", "ppo.minibatch_size=8"]),
+    "ppo, 4 prompts x 4 samples": (
+        "ppo",
+        ["train.batch_size=4", "rollout.samples_per_prompt=4", "model.critic=head", "ppo.minibatch_size=16"],
+    ),
     "grpo, 4 prompts x 4 samples": (
         "grpo",
         ["train.batch_size=4", "rollout.samples_per_prompt=4", "grpo.minibatch_size=16"],

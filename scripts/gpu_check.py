@@ -1,9 +1,10 @@
-"""A prepared check of `model.fsdp: true` (FSDP2 sharding, tether/engines/fsdp.py) on CUDA, in one command.
+"""A prepared check of `model.fsdp: true` (FSDP2 sharding, tether/engines/fsdp.py) and of
+`rollout.engine: vllm` (tether/engines/vllm.py) on CUDA, in one command.
 
     bash scripts/gpu_check.sh                        # CUDA: every GPU of the machine, bfloat16, a 0.5B model
     bash scripts/gpu_check.sh --device cpu --small   # the same path on CPU processes (gloo), a tiny model
 
-What it checks, in two parts, each printed as a Markdown table (and written to $OUT/gpu_check.md when
+What it checks, in three parts, each printed as a Markdown table (and written to $OUT/gpu_check.md when
 $OUT is set; $OUT/gpu_check.json holds the numbers):
 
 1. Stages. Every training stage (sft, rm, dpo, ppo, grpo) with model.fsdp=true and model.dtype=bfloat16,
@@ -21,6 +22,13 @@ $OUT is set; $OUT/gpu_check.json holds the numbers):
    bfloat16 mixed-precision runs against plain autocast as tests/test_fsdp.py compares them. CUDA
    kernels need not be bitwise deterministic, so each comparison reports the largest metric and weight
    differences and passes under the tolerances of `TOLERANCES` below.
+3. vLLM. Where vLLM is installed (the lent GPU machines have none, and no network to get it: then
+   this part reports "not installed" and does not fail the check): ppo and grpo in one process,
+   without FSDP, on the stage model, once with `rollout.engine=hf` and once with `vllm`, the same
+   settings as part 1 otherwise. Per run the seconds per step and of its sampling, and the gap between
+   the engine's sampled log-probs and the trainer's (rollout/logprob_gap_mean, the largest
+   rollout/logprob_gap_max); a vLLM run passes when it finishes (its probe check after every push
+   stops a stale engine) and its alarm/sampler_gap never fired.
 
 Each stage and launch runs with its own timeout, and the whole check under a budget (--budget-s; the
 defaults keep a one-H200 run under 8 minutes); what the budget leaves out is reported as skipped.
@@ -36,6 +44,8 @@ the model folders; `--missing-imports` lists the modules tether's imports lack (
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -110,7 +120,8 @@ class Shape:
 
 
 BIG = Shape(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936)  # Qwen2.5-0.5B: 494M
-SMALL = Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1024)
+# head_dim 64: the CPU build of vLLM has no attention kernel for 16 (part 3 runs on this shape on a CPU)
+SMALL = Shape(hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1, vocab=1024)
 
 
 @dataclass
@@ -125,7 +136,7 @@ class Settings:
     deadline: float  # time.monotonic() past which nothing new starts
     reserve_s: float  # of the budget, kept from the stages for the equivalence runs
     work: Path
-    parts: tuple[str, ...]  # "stages", "equivalence"
+    parts: tuple[str, ...]  # "stages", "equivalence", "vllm"
     stages: tuple[str, ...]
 
     def left(self) -> float:
@@ -146,6 +157,9 @@ class StageResult:
     plan_gib: float | None = None  # `tether plan`'s estimate, which every run prints at its start
     rollout_s: float | None = None  # ppo, grpo: of a step, sampling (median after the first)
     final: str = ""  # FINAL_METRICS of the last step
+    engine: str = ""  # part 3: rollout.engine
+    gap_mean: float | None = None  # part 3: rollout/logprob_gap_mean, the mean over the steps
+    gap_max: float | None = None  # part 3: rollout/logprob_gap_max, the largest of any step
 
 
 @dataclass
@@ -398,6 +412,13 @@ def stage_overrides(stage: str, s: Settings, model: Path, data: dict[str, Path])
     return [*common, *online]
 
 
+def engine_overrides(stage: str, engine: str, s: Settings, model: Path, data: dict[str, Path]) -> list[str]:
+    """Part 3: part 1's run of `stage` in one process, unsharded (rollout.engine=vllm refuses model.fsdp),
+    sampled by `engine`."""
+    overrides = stage_overrides(stage, dataclasses.replace(s, nproc=1), model, data)
+    return [o for o in overrides if o != "model.fsdp=true"] + [f"rollout.engine={engine}"]
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -405,20 +426,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_stage(stage: str, s: Settings, model: Path, data: dict[str, Path]) -> StageResult:
-    result = StageResult(stage, "skipped (budget)", s.nproc)
+def run_stage(stage: str, s: Settings, model: Path, data: dict[str, Path], engine: str = "") -> StageResult:
+    """Part 1's run of `stage` (sharded over s.nproc processes), or with `engine` part 3's (one process)."""
+    processes = 1 if engine else s.nproc
+    result = StageResult(stage, "skipped (budget)", processes, engine=engine)
     timeout = min(s.stage_timeout_s, s.left() - s.reserve_s)
     if timeout < 20:
         return result
-    run_dir = s.work / "stages" / stage
-    job = s.work / "stages" / f"{stage}.json"
+    name = f"{stage}-{engine}" if engine else stage
+    run_dir = s.work / "stages" / name
+    job = s.work / "stages" / f"{name}.json"
     job.parent.mkdir(parents=True, exist_ok=True)
-    overrides = stage_overrides(stage, s, model, data)
+    overrides = engine_overrides(stage, engine, s, model, data) if engine else stage_overrides(stage, s, model, data)
     job.write_text(json.dumps({"stage": stage, "run_dir": str(run_dir), "overrides": overrides, "device": s.device}))
-    log = s.work / "stages" / f"{stage}.log"
-    print(f"[{stage}] {s.nproc} process(es), timeout {timeout:.0f} s: tether {stage} {' '.join(overrides)}", flush=True)
+    log = s.work / "stages" / f"{name}.log"
+    command = f"tether {stage} {' '.join(overrides)}"
+    print(f"[{name}] {processes} process(es), timeout {timeout:.0f} s: {command}", flush=True)
     code, result.wall_s = run_logged(
-        [*launcher(s.nproc), __file__, "--worker", str(job)], log, timeout, child_env(s.device)
+        [*launcher(processes, torchrun=not engine), __file__, "--worker", str(job)], log, timeout, child_env(s.device)
     )
     peaks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("peak-rank*.json"))]
     rows = read_metrics(run_dir)
@@ -436,19 +461,25 @@ def run_stage(stage: str, s: Settings, model: Path, data: dict[str, Path]) -> St
     sampling = [row["time/rollout_s"] for row in rows if "time/rollout_s" in row]
     if sampling:
         result.rollout_s = statistics.median(sampling[1:] or sampling)
+    gaps = [row["rollout/logprob_gap_mean"] for row in rows if row.get("rollout/logprob_gap_mean") is not None]
+    if gaps:
+        result.gap_mean = statistics.mean(gaps)
+        result.gap_max = max(row.get("rollout/logprob_gap_max", 0.0) for row in rows)
     if rows:
         shown = [(k, rows[-1][k]) for k in FINAL_METRICS[stage] if rows[-1].get(k) is not None]
         result.final = ", ".join(f"{k} {v:.4g}" for k, v in shown)
-    complete = code == 0 or (peaks and len(peaks) == s.nproc and all(p["exit"] == 0 for p in peaks))
+    complete = code == 0 or (peaks and len(peaks) == processes and all(p["exit"] == 0 for p in peaks))
     if code is None:
         result.status = "timeout"
-    elif complete and result.steps == s.steps and (run_dir / "checkpoints" / "final").is_dir():
-        result.status = "ok"
-    else:
+    elif not (complete and result.steps == s.steps and (run_dir / "checkpoints" / "final").is_dir()):
         result.status = f"failed (exit {code}, {result.steps}/{s.steps} steps)"
-    print(f"[{stage}] {result.status} in {result.wall_s:.0f} s", flush=True)
+    elif engine == "vllm" and (result.gap_mean is None or any(row.get("alarm/sampler_gap") for row in rows)):
+        result.status = "failed (no gap logged)" if result.gap_mean is None else "failed (alarm/sampler_gap fired)"
+    else:
+        result.status = "ok"
+    print(f"[{name}] {result.status} in {result.wall_s:.0f} s", flush=True)
     if result.status != "ok":
-        print(f"[{stage}] last lines of {log}:\n{tail(log)}", flush=True)
+        print(f"[{name}] last lines of {log}:\n{tail(log)}", flush=True)
     # The final folders and sft's DCP checkpoint are gigabytes each: gone once read.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
@@ -631,7 +662,7 @@ def number(value: float | None, digits: int = 2) -> str:
 def report(s: Settings, info: dict[str, Any], stages: list[StageResult], comparisons: list[Comparison]) -> str:
     gpus = ", ".join(info.get("gpus") or []) or "none (CPU processes, gloo)"
     lines = [
-        "# model.fsdp check",
+        "# model.fsdp and rollout.engine=vllm check",
         "",
         f"- device: {s.device}; GPUs: {gpus}",
         f"- torch {info.get('torch')} (CUDA {info.get('cuda')}), transformers {info.get('transformers')}, "
@@ -642,13 +673,14 @@ def report(s: Settings, info: dict[str, Any], stages: list[StageResult], compari
         "",
     ]
     if "stages" in s.parts:
+        parallel = [r for r in stages if not r.engine]
         memory = "peak GPU memory GiB (allocated / reserved)" if s.device == "cuda" else "peak RSS GiB"
         lines += [
             f"| stage | processes | status | steps | s/step (median after the first) | first step s | {memory} "
             "| tether plan's estimate GiB | of a step, sampling s | last step | wall s |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         ]
-        for r in stages:
+        for r in parallel:
             peak = number(r.peak_gib) + (f" / {number(r.reserved_gib)}" if r.reserved_gib is not None else "")
             lines.append(
                 f"| {r.stage} | {r.processes} | {r.status} | {r.steps} | {number(r.step_s)} | "
@@ -666,6 +698,30 @@ def report(s: Settings, info: dict[str, Any], stages: list[StageResult], compari
             f"s/step: metrics.jsonl's time/step_s. Process group: {group}.",
             "",
         ]
+    if "vllm" in s.parts:
+        engines = [r for r in stages if r.engine]
+        if not engines:
+            lines += ["vLLM: not installed in this environment; part 3 did not run.", ""]
+        else:
+            lines += [
+                "| stage | rollout.engine | status | steps | s/step | of a step, sampling s | gap mean | gap max "
+                "| last step |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            ]
+            for r in engines:
+                gap_mean = "-" if r.gap_mean is None else f"{r.gap_mean:.2e}"
+                gap_max = "-" if r.gap_max is None else f"{r.gap_max:.2e}"
+                lines.append(
+                    f"| {r.stage} | {r.engine} | {r.status} | {r.steps} | {number(r.step_s)} | {number(r.rollout_s)} "
+                    f"| {gap_mean} | {gap_max} | {r.final or '-'} |"
+                )
+            lines += [
+                "",
+                "One process, no FSDP. Gap: the sampler's log-prob of each sampled token against the trainer's "
+                "recomputation, nats per token; a vLLM run fails where its alarm/sampler_gap fired (mean gap "
+                "over alarms.sampler_gap).",
+                "",
+            ]
     if "equivalence" in s.parts:
         f32, bf16 = TOLERANCES["float32"], TOLERANCES["bfloat16"]
         lines += [
@@ -789,7 +845,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--budget-s", type=float, help="the whole check's limit (default: cuda 420 s, cpu 1200 s)")
     parser.add_argument("--stage-timeout-s", type=float, help="one stage run's limit (default: cuda 150 s, cpu 400 s)")
-    parser.add_argument("--parts", default="stages,equivalence", help="comma-separated: stages, equivalence")
+    parser.add_argument("--parts", default="stages,equivalence,vllm", help="comma-separated: stages, equivalence, vllm")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of " + ", ".join(STAGES))
     parser.add_argument("--work", type=Path, help="keep the runs in this folder (default: a temporary one, removed)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -830,7 +886,7 @@ def check(args: argparse.Namespace) -> int:
         parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
         stages=tuple(p.strip() for p in args.stages.split(",") if p.strip()),
     )
-    unknown = sorted(set(s.parts) - {"stages", "equivalence"}) + sorted(set(s.stages) - set(STAGES))
+    unknown = sorted(set(s.parts) - {"stages", "equivalence", "vllm"}) + sorted(set(s.stages) - set(STAGES))
     if unknown:
         print(f"gpu_check: unknown --parts or --stages: {', '.join(unknown)}")
         return 2
@@ -851,6 +907,13 @@ def check(args: argparse.Namespace) -> int:
         info = json.loads((work / "info.json").read_text())
         print(f"gpu_check: models built in {seconds:.0f} s ({info['parameters']:,} parameters)", flush=True)
         stages = [run_stage(stage, s, work / "model", data) for stage in s.stages] if "stages" in s.parts else []
+        if "vllm" in s.parts and importlib.util.find_spec("vllm") is not None:
+            stages += [
+                run_stage(stage, s, work / "model", data, engine)
+                for stage in ("ppo", "grpo")
+                if stage in s.stages
+                for engine in ("hf", "vllm")
+            ]
         comparisons = run_equivalence(s, work / "tiny-llama", data) if "equivalence" in s.parts else []
         text = report(s, info, stages, comparisons)
         total = time.monotonic() - started

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The model.fsdp check on a CUDA machine, in one command (what it checks: scripts/gpu_check.py's docstring).
+# The model.fsdp and rollout.engine=vllm check on a CUDA machine, in one command (what it checks: scripts/gpu_check.py's docstring).
 #
 #     bash scripts/gpu_check.sh                        # every GPU, bfloat16, a 0.5B model; under 8 minutes on one H200
 #     bash scripts/gpu_check.sh --device cpu --small   # the same path on CPU processes, a tiny model

@@ -33,11 +33,12 @@ import time
 from pathlib import Path
 
 import torch
-from tether.models import eos_token_ids, load_causal_lm, load_tokenizer
-from tether.rollout import decode_responses, generate
 
 from tether.data import Prompt, encode_prompt, load_prompts, shipped_data
+from tether.loading.models import eos_token_ids, load_causal_lm, load_tokenizer
 from tether.reward_functions import gold_judge, prompt_kind
+from tether.sampling import decode_responses, generate
+from tether.speed import FAST
 
 MODEL = "smollm2-135m-instruct"
 TEMPERATURE = 0.9
@@ -100,7 +101,7 @@ def sample_answers(prompts: list[Prompt]) -> list[list[str]]:
     for i in range(0, len(ids), BATCH):
         with torch.no_grad():
             rollout, _ = generate(
-                model, ids[i : i + BATCH], 1, MAX_NEW_TOKENS, TEMPERATURE, tokenizer.pad_token_id, eos
+                model, ids[i : i + BATCH], 1, MAX_NEW_TOKENS, TEMPERATURE, tokenizer.pad_token_id, eos, speed=FAST
             )
         batch_prefills = [prefill for _, prefill in conversations[i : i + BATCH]]
         decoded = decode_responses(tokenizer, rollout, eos)

@@ -8,16 +8,17 @@ in float32.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("vllm", reason="rollout.engine=vllm needs vLLM: make test-vllm runs these")
 
+from tests.test_ppo import NONDETERMINISTIC  # noqa: E402
 from tether.config import GRPOConfig, LoraConfig, load_config  # noqa: E402
 from tether.data import Prompt, encode_prompt  # noqa: E402
 from tether.engines.vllm import EngineError, VLLMEngine  # noqa: E402
@@ -30,6 +31,7 @@ from tether.loading.models import (  # noqa: E402
 )
 from tether.passes import hold_weights  # noqa: E402
 from tether.roles.policy import response_logprobs  # noqa: E402
+from tether.run.log import read_jsonl  # noqa: E402
 from tether.speed import FAST, PLAIN  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -127,11 +129,8 @@ def test_the_prefix_cache_is_reset_after_a_push(setup, monkeypatch):
     lora.unload()
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_a_short_run_on_the_engine_raises_the_reward_and_logs_the_gap(stage, tmp_path):
-    """The concise reward (short answers) rises within a few iterations; the gap between vLLM's and
-    the trainer's log-probs is logged every iteration and stays at float32 rounding. In a process of
-    its own: vLLM sets up torch.distributed for its engine, once per process."""
+def _words(stage: str, folder: Path, *extra: str) -> list[str]:
+    """A short LoRA run of the stage on the engine, rewarded for concise answers."""
     words = [
         stage,
         "rollout.engine=vllm",
@@ -149,21 +148,52 @@ def test_a_short_run_on_the_engine_raises_the_reward_and_logs_the_gap(stage, tmp
         "rollout.is_correction=true",
         "eval.num_prompts=4",
         "--output",
-        str(tmp_path / "run"),
+        str(folder),
     ]
     words += (
         ["ppo.epochs=2", "ppo.minibatch_size=4", "model.critic=head"]
         if stage == "ppo"
-        else [
-            "rollout.samples_per_prompt=4",
-            "grpo.minibatch_size=16",
-        ]
+        else ["rollout.samples_per_prompt=4", "grpo.minibatch_size=16"]
     )
+    return words + list(extra)
+
+
+def _tether(*words: str) -> None:
+    """In a process of its own: vLLM sets up torch.distributed for its engine, once per process."""
     done = subprocess.run([sys.executable, "-m", "tether", *words], capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_a_short_run_on_the_engine_raises_the_reward_and_logs_the_gap(stage, tmp_path):
+    """The concise reward (short answers) rises within a few iterations; the gap between vLLM's and
+    the trainer's log-probs is logged every iteration and stays at float32 rounding."""
+    _tether(*_words(stage, tmp_path / "run"))
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(r["rollout/logprob_gap_mean"] < 1e-3 for r in rows), [r["rollout/logprob_gap_mean"] for r in rows]
     assert all(0.9 < r["rollout/is_weight_mean"] < 1.1 for r in rows)
     first, last = rows[0]["objective/scores"], sum(r["objective/scores"] for r in rows[-2:]) / 2
     assert last > first, f"the reward did not rise: {first:.3f} -> {last:.3f}"
     assert (Path(tmp_path / "run" / "eval" / "eval.json")).is_file()
+
+
+def test_a_resumed_run_on_the_engine_equals_the_straight_run(tmp_path):
+    """2 steps straight against 1 step, then resumed for the second (a new process, a new engine):
+    the engine's draws come from the saved random stream, so the rollouts, every deterministic
+    metric and the final weights are the same."""
+    once = ["train.save_every=1", "eval.num_prompts=0"]  # the eval set keeps the caller's stream: test_evaluation.py
+    _tether(*_words("grpo", tmp_path / "straight", "train.steps=2", *once))
+    _tether(*_words("grpo", tmp_path / "resumed", "train.steps=1", *once))
+    _tether(*_words("grpo", tmp_path / "resumed", "train.steps=2", *once, "--resume"))
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2]
+    keep = [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC)} for r in straight + resumed]
+    assert keep[:2] == keep[2:]
+    straight_final, resumed_final = (tmp_path / run / "checkpoints" / "final" for run in ("straight", "resumed"))
+    weights = sorted(str(p.relative_to(straight_final)) for p in straight_final.rglob("*.safetensors"))
+    assert weights, "no weights saved: nothing compared"
+    assert weights == sorted(str(p.relative_to(resumed_final)) for p in resumed_final.rglob("*.safetensors"))
+    for name in weights:
+        a, b = load_file(straight_final / name), load_file(resumed_final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
