@@ -8,7 +8,7 @@ one process, one after the other:
 
 - `merged`: tether's own engine (engines/vllm.py). A push is `hold`: W + dW folded for every adapted
   layer, `reload_weights` in place, the prefix cache reset, and the probe check.
-- `lora request`: a second engine started with `enable_lora=True`. A push is the adapter saved with
+- `lora request`: a second tether engine, started with vLLM's `enable_lora=True`. A push is the adapter saved with
   peft's `save_pretrained` and sampled under a new `LoRARequest` id (vLLM loads an adapter on its
   first use): the save plus the first call's extra time over a steady call.
 
@@ -34,7 +34,6 @@ from tether.engines.vllm import VLLMEngine
 from tether.loading.models import add_lora, eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
 from tether.passes import hold_weights
 from tether.roles.policy import response_logprobs
-from tether.sampling import right_pad, trajectory_from_rows
 from tether.speed import PLAIN
 
 MODEL = "smollm2-135m-instruct"
@@ -84,43 +83,15 @@ def merged(config: Any, tokenizer: Any, policy: Any, prompts: list[list[int]], a
     return {"push_s": statistics.median(pushes), "sample_s": statistics.median(calls), "gap_max": max(gaps)}
 
 
-def lora_request(tokenizer: Any, policy: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def lora_request(config: Any, tokenizer: Any, policy: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     from vllm.lora.request import LoRARequest
 
     eos = eos_token_ids(tokenizer, policy)
-    llm = LLM(
-        model=resolve_model_path(MODEL),
-        dtype="float32",
-        seed=0,
-        enforce_eager=True,
-        kv_cache_memory_bytes=2**30,
-        max_model_len=1024,
-        logprobs_mode="processed_logprobs",
-        enable_lora=True,
-        max_lora_rank=args.rank,
-        max_loras=1,
-    )
+    options = {"enable_lora": True, "max_lora_rank": args.rank, "max_loras": 1}
+    engine = VLLMEngine(config, tokenizer, eos, resolve_model_path(MODEL), **options)
 
     def sample(request: Any, seed: int) -> tuple[Any, torch.Tensor]:
-        params = SamplingParams(
-            n=args.samples,
-            max_tokens=args.max_new_tokens,
-            temperature=TEMPERATURE,
-            top_p=1.0,
-            top_k=-1,
-            logprobs=0,
-            seed=seed,
-            stop_token_ids=eos,
-            detokenize=False,
-        )
-        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        outputs = llm.generate(inputs, params, lora_request=request, use_tqdm=False)
-        rows = [list(s.token_ids) for o in outputs for s in o.outputs]
-        logprobs = [[s.logprobs[i][t].logprob for i, t in enumerate(s.token_ids)] for o in outputs for s in o.outputs]
-        trajectory = trajectory_from_rows(prompts, args.samples, rows, int(tokenizer.pad_token_id), eos)
-        return trajectory, right_pad(logprobs, 0.0, torch.float32)
+        return engine.generate(prompts, args.samples, args.max_new_tokens, TEMPERATURE, seed, lora_request=request)
 
     pushes, calls, gaps = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,8 +110,7 @@ def lora_request(tokenizer: Any, policy: Any, prompts: list[list[int]], args: ar
                 steady.append(time.perf_counter() - started)
             calls += steady
             pushes.append(first_s - statistics.median(steady))
-            mask = trajectory.response_mask
-            gaps.append(largest_gap(policy, trajectory, torch.where(mask, sampled, torch.zeros_like(sampled))))
+            gaps.append(largest_gap(policy, trajectory, sampled))
     return {"push_s": statistics.median(pushes), "sample_s": statistics.median(calls), "gap_max": max(gaps)}
 
 
@@ -159,7 +129,7 @@ def main() -> None:
     prompts = [encode_prompt(tokenizer, Prompt(({"role": "user", "content": q},), q), True, 256) for q in QUESTIONS]
     results = {"merged": merged(config, tokenizer, policy, prompts, args)}
     print("merged", json.dumps(results["merged"]), flush=True)
-    results["lora request"] = lora_request(tokenizer, policy, prompts, args)
+    results["lora request"] = lora_request(config, tokenizer, policy, prompts, args)
     print("lora request", json.dumps(results["lora request"]), flush=True)
     print("\n| way | push s | sampling call s | largest log-prob gap |")
     print("| --- | ---: | ---: | ---: |")

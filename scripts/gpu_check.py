@@ -44,7 +44,6 @@ the model folders; `--missing-imports` lists the modules tether's imports lack (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -385,12 +384,14 @@ def multiple(base: int, of: int) -> int:
     return max(1, math.ceil(base / of)) * of
 
 
-def stage_overrides(stage: str, s: Settings, model: Path, data: dict[str, Path]) -> list[str]:
+def stage_overrides(stage: str, s: Settings, model: Path, data: dict[str, Path], engine: str = "") -> list[str]:
     """A few small steps of `stage`, every model sharded. Batches are multiples of the process count
     (model.fsdp refuses uneven shares); no step checkpoints but sft's last (a DCP save of a model and
-    its optimizer state; the others would only write gigabytes), the final model always."""
-    n = s.nproc
-    common = [f"model.name={model}", "model.fsdp=true", f"model.dtype={s.dtype}", f"train.device={s.device}"]
+    its optimizer state; the others would only write gigabytes), the final model always. With
+    `engine` (part 3): one process, unsharded (rollout.engine=vllm refuses model.fsdp), sampled by it."""
+    n = 1 if engine else s.nproc
+    common = [f"model.name={model}", *([] if engine else ["model.fsdp=true"])]
+    common += [f"model.dtype={s.dtype}", f"train.device={s.device}"]
     common += [f"train.steps={s.steps}", "train.lr=1e-5", f"train.save_every={s.steps if stage == 'sft' else 0}"]
     if s.device == "cpu":
         common.append("train.num_threads=1")
@@ -409,14 +410,7 @@ def stage_overrides(stage: str, s: Settings, model: Path, data: dict[str, Path])
         online += [f"ppo.minibatch_size={prompts}", "ppo.epochs=2"]
     else:
         online += [f"grpo.minibatch_size={prompts * samples // 2}", "grpo.epochs=1"]
-    return [*common, *online]
-
-
-def engine_overrides(stage: str, engine: str, s: Settings, model: Path, data: dict[str, Path]) -> list[str]:
-    """Part 3: part 1's run of `stage` in one process, unsharded (rollout.engine=vllm refuses model.fsdp),
-    sampled by `engine`."""
-    overrides = stage_overrides(stage, dataclasses.replace(s, nproc=1), model, data)
-    return [o for o in overrides if o != "model.fsdp=true"] + [f"rollout.engine={engine}"]
+    return [*common, *online, *([f"rollout.engine={engine}"] if engine else [])]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -437,7 +431,7 @@ def run_stage(stage: str, s: Settings, model: Path, data: dict[str, Path], engin
     run_dir = s.work / "stages" / name
     job = s.work / "stages" / f"{name}.json"
     job.parent.mkdir(parents=True, exist_ok=True)
-    overrides = engine_overrides(stage, engine, s, model, data) if engine else stage_overrides(stage, s, model, data)
+    overrides = stage_overrides(stage, s, model, data, engine)
     job.write_text(json.dumps({"stage": stage, "run_dir": str(run_dir), "overrides": overrides, "device": s.device}))
     log = s.work / "stages" / f"{name}.log"
     command = f"tether {stage} {' '.join(overrides)}"
@@ -700,8 +694,10 @@ def report(s: Settings, info: dict[str, Any], stages: list[StageResult], compari
         ]
     if "vllm" in s.parts:
         engines = [r for r in stages if r.engine]
-        if not engines:
+        if not info.get("vllm"):
             lines += ["vLLM: not installed in this environment; part 3 did not run.", ""]
+        elif not engines:
+            lines += ["vLLM: --stages names neither ppo nor grpo; part 3 did not run.", ""]
         else:
             lines += [
                 "| stage | rollout.engine | status | steps | s/step | of a step, sampling s | gap mean | gap max "
@@ -907,7 +903,8 @@ def check(args: argparse.Namespace) -> int:
         info = json.loads((work / "info.json").read_text())
         print(f"gpu_check: models built in {seconds:.0f} s ({info['parameters']:,} parameters)", flush=True)
         stages = [run_stage(stage, s, work / "model", data) for stage in s.stages] if "stages" in s.parts else []
-        if "vllm" in s.parts and importlib.util.find_spec("vllm") is not None:
+        info["vllm"] = importlib.util.find_spec("vllm") is not None  # found, not imported: seconds saved
+        if "vllm" in s.parts and info["vllm"]:
             stages += [
                 run_stage(stage, s, work / "model", data, engine)
                 for stage in ("ppo", "grpo")

@@ -154,9 +154,19 @@ def assert_resume_is_exact(make_trainer: Callable[[Path, bool], Any], folder: Pa
     resumed_rows = read_jsonl(folder / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4]
     assert _deterministic(resumed_rows) == _deterministic(straight_rows)
-    a = load_file(folder / "straight" / "checkpoints" / "final" / "model.safetensors")
-    b = load_file(folder / "resumed" / "checkpoints" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_weights(folder / "straight", folder / "resumed")
+
+
+def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
+    """Both runs' final folders hold the same weight files (LoRA adapters, value heads included),
+    equal bit for bit."""
+    final_a, final_b = run_a / "checkpoints" / "final", run_b / "checkpoints" / "final"
+    files = sorted(str(p.relative_to(final_a)) for p in final_a.rglob("*.safetensors"))
+    assert files, f"no weights in {final_a}: nothing compared"
+    assert files == sorted(str(p.relative_to(final_b)) for p in final_b.rglob("*.safetensors"))
+    for name in files:
+        a, b = load_file(final_a / name), load_file(final_b / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_grpo_cli_writes_the_run_directory_and_eval_reads_it(tiny_llama, tmp_path):

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("vllm", reason="rollout.engine=vllm needs vLLM: make test-vllm runs these")
 
-from tests.test_ppo import NONDETERMINISTIC  # noqa: E402
+from tests.test_grpo import _deterministic, assert_same_final_weights  # noqa: E402
 from tether.config import GRPOConfig, LoraConfig, load_config  # noqa: E402
 from tether.data import Prompt, encode_prompt  # noqa: E402
 from tether.engines.vllm import EngineError, VLLMEngine  # noqa: E402
@@ -188,12 +187,5 @@ def test_a_resumed_run_on_the_engine_equals_the_straight_run(tmp_path):
     straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2]
-    keep = [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC)} for r in straight + resumed]
-    assert keep[:2] == keep[2:]
-    straight_final, resumed_final = (tmp_path / run / "checkpoints" / "final" for run in ("straight", "resumed"))
-    weights = sorted(str(p.relative_to(straight_final)) for p in straight_final.rglob("*.safetensors"))
-    assert weights, "no weights saved: nothing compared"
-    assert weights == sorted(str(p.relative_to(resumed_final)) for p in resumed_final.rglob("*.safetensors"))
-    for name in weights:
-        a, b = load_file(straight_final / name), load_file(resumed_final / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _deterministic(resumed) == _deterministic(straight)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")

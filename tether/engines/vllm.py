@@ -56,10 +56,13 @@ def vllm_available() -> bool:
 class VLLMEngine:
     """A colocated vLLM engine for one rollout stage's policy."""
 
-    def __init__(self, config: RolloutStageConfig, tokenizer: Any, eos_ids: list[int], base: str) -> None:
+    def __init__(
+        self, config: RolloutStageConfig, tokenizer: Any, eos_ids: list[int], base: str, **llm_options: Any
+    ) -> None:
         """`base`: the folder of the model the engine starts from (the policy's base weights; a LoRA
         policy's base), resolved (loading/models.py `resolve_model_path`: the embedded model's name
-        becomes its converted folder)."""
+        becomes its converted folder). `llm_options`: more arguments of vLLM's `LLM` (tether passes
+        none; benchmarks/vllm_lora_push.py starts an engine with LoRA requests enabled)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process, so weights move in memory
         try:
             from vllm import LLM
@@ -83,6 +86,7 @@ class VLLMEngine:
                 max_model_len=config.data.max_prompt_length + config.rollout.max_new_tokens + 8,
                 logprobs_mode="processed_logprobs",
                 trust_remote_code=config.model.trust_remote_code,
+                **llm_options,
             )
         finally:
             set_rng_state(saved)
@@ -90,10 +94,18 @@ class VLLMEngine:
     # ----------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[list[int]], samples_per_prompt: int, max_new_tokens: int, temperature: float, seed: int
+        self,
+        prompts: list[list[int]],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        lora_request: Any = None,
     ) -> tuple[Trajectory, Tensor]:
         """`samples_per_prompt` responses to each prompt: the trajectory's token fields (the same
-        layout as sampling.generate) and the (B, R) log-probs vLLM sampled them with."""
+        layout as sampling.generate) and the (B, R) log-probs vLLM sampled them with. `lora_request`:
+        sample under a vLLM LoRA adapter (an engine started with enable_lora; tether pushes merged
+        weights instead)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -108,7 +120,8 @@ class VLLMEngine:
             stop_token_ids=self.eos_ids,
             detokenize=False,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        outputs = self.llm.generate(inputs, params, lora_request=lora_request, use_tqdm=False)
         rows: list[list[int]] = []
         row_logprobs: list[list[float]] = []
         for output in outputs:  # in prompt order, samples of a prompt together: the layout of generate
